@@ -1,0 +1,297 @@
+"""The :class:`OptimizerWrapper`: any ``torch.optim.Optimizer`` plus a meta-optimizer that adjusts it."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .base import GroupState, HParamUpdate, MetaOptimizer
+from .history import Decision, DecisionLog, SkippedDecision
+from .metrics import MetricAccumulator, check_metrics, first_non_finite
+
+# Keys the wrapper adds to the wrapped optimizer's state_dict.
+_META_KEYS = ("meta_optimizer", "meta_wrapper")
+
+
+def _value(x: Any) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class OptimizerWrapper(torch.optim.Optimizer):
+    """Wraps a ``torch.optim.Optimizer`` and applies a :class:`MetaOptimizer`'s decisions to it.
+
+    The wrapper *is* an ``Optimizer``: ``param_groups``, ``state``, ``defaults``, ``zero_grad``,
+    ``step(closure)``, ``add_param_group`` and the state dict pass through to the wrapped
+    optimizer, so torch LR schedulers, ``GradScaler`` and checkpoint code accept it as they are.
+
+    Applying a decision: the proposed value is clamped to the strategy's per-group bounds and
+    written to ``param_groups[i]``; a non-finite proposal or metric is never written (the
+    decision is skipped and logged). Every change is recorded in :attr:`log`.
+
+    Composition with a torch LR scheduler (see :meth:`attach_scheduler`): the scheduler owns the
+    *shape* of the schedule and the meta-optimizer owns a *multiplier* on it. When the
+    meta-optimizer changes a group's lr from ``old`` to ``new``, the attached schedulers'
+    ``base_lrs`` (and the group's ``initial_lr``) are scaled by ``new / old`` too, so the schedule
+    continues from the changed value: a plateau cut on a cosine schedule stays cut, and the cosine
+    keeps its shape. Without ``attach_scheduler``, schedulers that recompute the lr from
+    ``base_lrs`` (``LambdaLR``, ``OneCycleLR``, ``CosineAnnealingWarmRestarts``...) overwrite
+    meta-optimizer changes at their next step.
+
+    Args:
+        optimizer: the optimizer to wrap.
+        meta_optimizer: the strategy that decides hyperparameter changes.
+        metric_reduction: ``"last"`` (decide on the latest metrics) or ``"mean"`` (on the mean
+            of every value reported since the previous decision).
+        max_log_records: how many decisions to keep in :attr:`log` (``None``: all).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = OptimizerWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3),
+        ...                        PlateauMetaOptimizer(patience=3, lr_factor=0.5))
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean(); loss.backward()
+        >>> opt.update_hyperparameters({"loss": loss.detach()}); opt.step()
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        meta_optimizer: MetaOptimizer,
+        *,
+        metric_reduction: str = "last",
+        max_log_records: int | None = 10_000,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got optimizer={optimizer!r} ({type(optimizer).__name__})"
+            )
+        if isinstance(optimizer, OptimizerWrapper):
+            raise TypeError("optimizer is already an OptimizerWrapper; wrap the underlying optimizer once")
+        if not isinstance(meta_optimizer, MetaOptimizer):
+            raise TypeError(
+                f"meta_optimizer must be a MetaOptimizer, got meta_optimizer={meta_optimizer!r} "
+                f"({type(meta_optimizer).__name__})"
+            )
+        self.optimizer = optimizer
+        self.meta_optimizer = meta_optimizer
+        self.log = DecisionLog(max_log_records)
+        self._metrics = MetricAccumulator(metric_reduction)
+        self._schedulers: list[Any] = []
+        self._step_count = 0
+        self._initial: list[tuple[float, float | None]] = []
+        self._record_initial_values()
+        # The same hook tables torch.optim.Optimizer.__init__ creates, so hooks registered on the
+        # wrapper (register_step_pre_hook, state-dict hooks) work as on any optimizer.
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+        meta_optimizer.check_groups(self.group_states())
+
+    # ------------------------------------------------------------ pass-through
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes the wrapper lacks, e.g. _step_supports_amp_scaling.
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._record_initial_values()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"OptimizerWrapper({self.optimizer!r}, {self.meta_optimizer!r})"
+
+    # ------------------------------------------------------------ schedulers
+    def attach_scheduler(self, scheduler: Any) -> Any:
+        """Make meta-optimizer lr changes persist through ``scheduler`` (see class doc). Returns it."""
+        if getattr(scheduler, "optimizer", None) is not self and getattr(scheduler, "optimizer", None) is not self.optimizer:
+            raise ValueError("scheduler was built on another optimizer; build it on this wrapper")
+        if not hasattr(scheduler, "base_lrs"):
+            raise TypeError(
+                f"scheduler must be a torch LRScheduler with base_lrs, got {type(scheduler).__name__}"
+            )
+        self._schedulers.append(scheduler)
+        return scheduler
+
+    # ------------------------------------------------------------ deciding and applying
+    def _record_initial_values(self) -> None:
+        for group in self.param_groups[len(self._initial):]:
+            wd = group.get("weight_decay")
+            self._initial.append((_value(group["lr"]), None if wd is None else _value(wd)))
+
+    def group_states(self) -> list[GroupState]:
+        """Read-only snapshots of every param group (what strategies decide on)."""
+        states = []
+        for i, group in enumerate(self.param_groups):
+            wd = group.get("weight_decay")
+            initial_lr, initial_wd = self._initial[i]
+            states.append(
+                GroupState(
+                    index=i,
+                    name=str(group.get("name", "")),
+                    role=str(group.get("role", "")),
+                    lr=_value(group["lr"]),
+                    weight_decay=None if wd is None else _value(wd),
+                    initial_lr=initial_lr,
+                    initial_weight_decay=initial_wd,
+                    num_params=sum(p.numel() for p in group["params"]),
+                )
+            )
+        return states
+
+    @property
+    def step_count(self) -> int:
+        """Number of ``update_hyperparameters`` calls so far (the next implicit step)."""
+        return self._step_count
+
+    def update_hyperparameters(self, metrics: Mapping[str, Any], step: int | None = None) -> list[Decision]:
+        """Report this step's metrics; at decision steps, decide and apply hyperparameter changes.
+
+        Args:
+            metrics: name -> Python number or one-element tensor (e.g. ``{"loss": loss.detach(),
+                "grad_norm": clip_grad_norm_(...)}``). Tensors are read only at decision steps.
+            step: the training step; by default an internal counter (0, 1, 2, ...).
+
+        Returns:
+            The decisions applied now (empty on most steps).
+        """
+        check_metrics(metrics)
+        if step is None:
+            step = self._step_count
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"step must be a non-negative int or None, got step={step!r}")
+        self._step_count = step + 1
+        self._metrics.add(metrics)
+        if not self.meta_optimizer.should_update(step):
+            return []
+        values = self._metrics.reduce()
+        self._metrics.clear()
+        bad = first_non_finite(values)
+        if bad is not None:
+            self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]}"))
+            return []
+        groups = self.group_states()
+        updates = self.meta_optimizer.update_hparams(values, step, groups)
+        return self.apply_updates(updates, step, groups)
+
+    def apply_updates(
+        self, updates: list[HParamUpdate], step: int, groups: list[GroupState] | None = None
+    ) -> list[Decision]:
+        """Write proposals to ``param_groups`` within bounds, log them, and keep schedulers in step."""
+        groups = self.group_states() if groups is None else groups
+        applied = []
+        for update in updates:
+            if not 0 <= update.group < len(self.param_groups):
+                raise ValueError(
+                    f"{type(self.meta_optimizer).__name__} proposed a change to param group {update.group}, "
+                    f"but the optimizer has {len(self.param_groups)} groups"
+                )
+            group = self.param_groups[update.group]
+            if update.hparam not in group:
+                raise ValueError(
+                    f"{type(self.meta_optimizer).__name__} proposed {update.hparam!r} for param group "
+                    f"{update.group}, which has no such hyperparameter"
+                )
+            value = float(update.value)
+            if not math.isfinite(value):
+                self.log.add_skipped(
+                    SkippedDecision(step, f"non-finite proposal {update.hparam}={value} for group {update.group}")
+                )
+                continue
+            state = groups[update.group]
+            if update.hparam == "lr":
+                low, high = self.meta_optimizer.lr_bounds(state)
+            elif update.hparam == "weight_decay":
+                low, high = self.meta_optimizer.weight_decay_bounds(state)
+            else:
+                low, high = -math.inf, math.inf
+            new = min(max(value, low), high)
+            old = _value(group[update.hparam])
+            if new == old:
+                continue
+            if isinstance(group[update.hparam], torch.Tensor):
+                group[update.hparam].fill_(new)
+            else:
+                group[update.hparam] = new
+            if update.hparam == "lr" and old > 0:
+                self._rescale_schedule(update.group, new / old)
+            decision = Decision(step, update.group, state.name, update.hparam, old, new, update.reason)
+            self.log.add(decision)
+            applied.append(decision)
+        return applied
+
+    def _rescale_schedule(self, index: int, factor: float) -> None:
+        group = self.param_groups[index]
+        if "initial_lr" in group and not isinstance(group["initial_lr"], torch.Tensor):
+            group["initial_lr"] = group["initial_lr"] * factor
+        for scheduler in self._schedulers:
+            if index < len(scheduler.base_lrs):
+                scheduler.base_lrs[index] = scheduler.base_lrs[index] * factor
+
+    # ------------------------------------------------------------ history
+    @property
+    def decisions(self) -> list[Decision]:
+        """Every recorded decision, oldest first."""
+        return list(self.log)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus the meta-optimizer's and the wrapper's state.
+
+        Everything is tensors or plain data, so ``torch.load(path, weights_only=True)`` loads it.
+        """
+        state = self.optimizer.state_dict()
+        state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        state["meta_wrapper"] = {
+            "step_count": self._step_count,
+            "initial": [list(v) for v in self._initial],
+            "metrics": self._metrics.state_dict(),
+            "log": self.log.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain optimizer state dict: then only
+        the wrapped optimizer is restored and the meta-optimizer keeps its state)."""
+        state = dict(state_dict)
+        meta_state = state.pop("meta_optimizer", None)
+        wrapper_state = state.pop("meta_wrapper", None)
+        self.optimizer.load_state_dict(state)
+        if meta_state is not None:
+            self.meta_optimizer.load_state_dict(meta_state)
+        if wrapper_state is not None:
+            self._step_count = int(wrapper_state["step_count"])
+            self._initial = [(float(lr), None if wd is None else float(wd)) for lr, wd in wrapper_state["initial"]]
+            self._metrics.load_state_dict(wrapper_state["metrics"])
+            self.log.load_state_dict(wrapper_state["log"])
+        self._record_initial_values()

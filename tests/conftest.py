@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests that need Ray use ``ray_session``: one real local Ray for the whole run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep Ray quiet and light in tests (2-core CI machines).
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray (4 logical CPUs, 4 simulated GPUs) shared by every test of the session.
+
+    Tests that start their own cluster (``cluster`` marker) run their Ray client in a subprocess
+    so they never conflict with this one.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            num_gpus=4,
+            include_dashboard=False,
+            namespace="ray_metaopt_tests",
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    ray.shutdown()
