@@ -23,6 +23,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a cluster another test or process started
             num_cpus=4,
             num_gpus=4,
             include_dashboard=False,
