@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Tests run beside Ray workers on small (2-core) machines: intra-op threads only add contention.
+torch.set_num_threads(1)
 
 # Keep Ray quiet and light in tests (2-core CI machines).
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
