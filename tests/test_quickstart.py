@@ -1,0 +1,36 @@
+"""examples/quickstart.py runs end to end (``--smoke``) in a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("strategy", ["plateau", "advanced"])
+def test_quickstart_smoke(strategy):
+    env = dict(os.environ)
+    # Works from a checkout without `pip install -e .` too.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--smoke", "--strategy", strategy],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    count = re.search(r"^DECISIONS=(\d+)$", proc.stdout, re.MULTILINE)
+    assert count is not None, proc.stdout
+    assert int(count.group(1)) >= 1
+    # at least one plateau cut, printed with its reason
+    assert re.search(r"decision @ step \d+: lr [\d.e-]+ -> [\d.e-]+ \(plateau", proc.stdout), proc.stdout
+    assert "final val loss" in proc.stdout
