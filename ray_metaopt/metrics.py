@@ -75,7 +75,7 @@ class MetricAccumulator:
     def add(self, metrics: Mapping[str, Any]) -> None:
         if self.reduction == "last":
             for key, value in metrics.items():
-                self._values[key] = value.detach() if isinstance(value, torch.Tensor) else value
+                self._values[key] = value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
             return
         for key, value in metrics.items():
             if isinstance(value, torch.Tensor):

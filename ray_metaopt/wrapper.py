@@ -113,7 +113,20 @@ class OptimizerWrapper(torch.optim.Optimizer):
         return getattr(self.optimizer, name)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        # The wrapped optimizer's step already runs torch's profiling record and the global step
+        # hooks; the wrapper runs only the hooks registered on itself, so nothing fires twice.
+        args: tuple[Any, ...] = ()
+        kwargs: dict[str, Any] = {} if closure is None else {"closure": closure}
+        for pre_hook in self._optimizer_step_pre_hooks.values():
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        out = self.optimizer.step(*args, **kwargs)
+        for post_hook in self._optimizer_step_post_hooks.values():
+            post_hook(self, args, kwargs)
+        return out
+
+    step.hooked = True  # type: ignore[attr-defined]  # keeps torch's _patch_step_function off it
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

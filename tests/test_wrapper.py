@@ -56,6 +56,20 @@ def test_step_hooks_registered_on_wrapper_run():
     assert calls == ["pre", "post"]
 
 
+def test_global_step_hooks_fire_once_per_step():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    model, w = make()
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(type(opt).__name__))
+    try:
+        x, y = data()
+        train_step(model, w, x, y)
+    finally:
+        handle.remove()
+    assert seen == ["AdamW"]
+
+
 def test_lbfgs_closure_passes_through():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
