@@ -1,0 +1,597 @@
+"""The :class:`RLMetaOptimizer`: a REINFORCE policy that chooses lr and weight-decay changes."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from .._validation import check_choice, check_int, check_range
+from ..base import BoundSpec, GroupState, HParamUpdate, MetaOptimizer
+from ..frequency import AdaptiveFrequency
+from .features import FeatureExtractor
+from .persistence import load_policy, policy_state_from_learner
+from .policy import PolicyConfig, argmax, sample_index, signature_mismatch, uniform
+from .reinforce import Learner, single_threaded
+
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "linear": lambda p: 1.0 - p,
+    "constant": lambda p: 1.0,
+}
+_DEFAULT_SCALE_BOUNDS = {"multiplicative": (1e-3, 10.0), "schedule": (0.25, 4.0)}
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+    return value
+
+
+class RLMetaOptimizer(MetaOptimizer):
+    """Learns, with REINFORCE, when to change the learning rate and weight decay.
+
+    Every ``update_frequency`` steps the policy sees a state built from the training dynamics
+    (loss level and trends over three horizons, gradient-norm level and trend, lr and weight
+    decay relative to their start, progress through the run, step-time cost, the validation gap;
+    see :mod:`~ray_metaopt.rl.features`) and picks one lr action and one weight-decay action. The
+    reward of an action is the log-loss improvement over the interval that follows it, per
+    ``update_frequency`` steps (so adaptive intervals stay comparable), minus ``cost_weight``
+    times the cost (``cost_metric``), plus, at the end of the run, ``val_weight`` times the
+    log-improvement of ``val_loss`` when one was reported. Returns discount later rewards by
+    ``gamma``; the update uses a baseline and an entropy bonus (:mod:`~ray_metaopt.rl.reinforce`).
+
+    Learning happens in this process (``shared_policy=None``) or in a shared
+    :class:`~ray_metaopt.rl.PolicyActor` that every trial of an experiment feeds
+    (``shared_policy="<actor name>"``, started by the driver with
+    :func:`~ray_metaopt.rl.start_policy_actor`). With a shared policy the trial acts with a local
+    copy of the weights, sends finished transitions without waiting, and picks up new weights
+    when they are ready; if the actor is unreachable it keeps its last weights and reconnects.
+
+    Action modes (``action_mode``):
+
+    - ``"multiplicative"`` (default, the seed's): ``lr *= lr_actions[i]``,
+      ``weight_decay += wd_actions[j]``; lr kept within ``lr_scale_bounds`` times the initial lr.
+    - ``"schedule"``: ``lr = initial_lr * base_schedule(progress) * scale`` where the action
+      multiplies ``scale`` within ``lr_scale_bounds``; needs ``total_steps``. Do not attach a torch
+      LR scheduler in this mode: the base schedule is the schedule.
+
+    ``per_group=True`` chooses actions for each param group separately (one state row per group,
+    one shared network); otherwise one action applies to every group.
+
+    Determinism: with a ``seed`` a local run is reproducible, and a run resumed from
+    ``OptimizerWrapper.state_dict()`` decides bit for bit like an uninterrupted one. With a shared
+    policy, *when* new weights arrive depends on timing, so runs are not reproducible.
+
+    :meth:`reset` starts a new episode (features, pending rewards, schedule scales) and keeps the
+    learned policy and the sampling stream (a new episode draws new numbers).
+
+    Args:
+        update_frequency: decide every this many steps (the seed's default is 10 here).
+        lr_actions: lr multipliers to choose from.
+        wd_actions: weight-decay shifts to choose from (``None``: no weight-decay actions).
+        policy_lr: Adam learning rate of the policy.
+        entropy_weight: weight of the entropy bonus.
+        action_mode: ``"multiplicative"`` or ``"schedule"``.
+        per_group: one action per param group instead of one for all.
+        base_schedule: ``"cosine"``, ``"linear"``, ``"constant"`` or ``f(progress) -> factor``
+            (schedule mode).
+        lr_scale_bounds: ``(low, high)`` bounds of lr / reference lr (initial lr, or the base
+            schedule's value in schedule mode). Default ``(1e-3, 10)`` / ``(0.25, 4)``.
+        hidden_size, initial_keep_prob, max_grad_norm, batch_size, gamma, return_horizon,
+            normalize_advantages, baseline_decay: see :class:`~ray_metaopt.rl.PolicyConfig`.
+        importance_clip: clip of importance weights of transitions from older weights (local).
+        cost_metric: metric that measures cost per step (``"step_time"``), or ``"steps"`` (every
+            step costs 1; a constant, so it only matters when runs can stop early).
+        cost_weight: reward units given up per unit of cost per ``update_frequency`` steps.
+        val_weight: weight of the final ``val_loss`` term.
+        reward_clip: rewards are clamped to ``[-reward_clip, reward_clip]``.
+        loss_floor: lower bound of the loss (log-losses are of ``loss - loss_floor``).
+        total_steps: steps of the run when known: gives the ``progress`` feature and ends the
+            episode (final reward, flush) at the last decision.
+        seed: seed of the initial weights and of action sampling (``None``: random, recorded in
+            the state dict so a resume continues the same stream).
+        shared_policy: name of a :class:`~ray_metaopt.rl.PolicyActor` to learn with (``None``:
+            learn locally).
+        policy_namespace: Ray namespace of the shared actor.
+        segment_size: transitions sent to the actor at once.
+        sync_interval_s: seconds between checks for new shared weights (no Ray call in between).
+        reconnect_interval_s: seconds between attempts to reach an unreachable actor.
+        policy_path: start from a policy saved by :func:`~ray_metaopt.rl.save_policy`.
+        frozen: do not learn (and send nothing); act with the policy as it is.
+        greedy: take the most probable action instead of sampling (needs ``frozen=True``).
+        min_lr, max_lr, max_weight_decay, adaptive_frequency: see :class:`~ray_metaopt.MetaOptimizer`.
+
+    Example:
+        >>> meta_opt = RLMetaOptimizer(update_frequency=10, lr_actions=[0.5, 1.0, 2.0],
+        ...     wd_actions=[-1e-5, 0.0, 1e-5], policy_lr=1e-4, entropy_weight=0.01)
+        >>> opt = OptimizerWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3), meta_opt)
+    """
+
+    _state_attrs: ClassVar[tuple[str, ...]] = (
+        "seed",
+        "features",
+        "draws",
+        "pending",
+        "ready",
+        "scales",
+        "decision_index",
+        "episode_done",
+        "counters",
+        "learner_state",
+    )
+
+    def __init__(
+        self,
+        update_frequency: int = 10,
+        lr_actions: Sequence[float] = (0.5, 1.0, 2.0),
+        wd_actions: Sequence[float] | None = (-1e-5, 0.0, 1e-5),
+        policy_lr: float = 1e-4,
+        entropy_weight: float = 0.01,
+        *,
+        action_mode: str = "multiplicative",
+        per_group: bool = False,
+        base_schedule: str | Callable[[float], float] = "cosine",
+        lr_scale_bounds: tuple[float, float] | None = None,
+        hidden_size: int = 32,
+        initial_keep_prob: float | None = 0.8,
+        max_grad_norm: float = 1.0,
+        batch_size: int = 32,
+        gamma: float = 0.9,
+        return_horizon: int = 20,
+        normalize_advantages: bool = True,
+        baseline_decay: float = 0.9,
+        importance_clip: float = 2.0,
+        cost_metric: str = "step_time",
+        cost_weight: float = 0.0,
+        val_weight: float = 1.0,
+        reward_clip: float = 5.0,
+        loss_floor: float = 0.0,
+        total_steps: int | None = None,
+        seed: int | None = None,
+        shared_policy: str | None = None,
+        policy_namespace: str = "ray_metaopt",
+        segment_size: int = 8,
+        sync_interval_s: float = 0.5,
+        reconnect_interval_s: float = 5.0,
+        policy_path: str | None = None,
+        frozen: bool = False,
+        greedy: bool = False,
+        min_lr: BoundSpec = 0.0,
+        max_lr: BoundSpec = None,
+        max_weight_decay: BoundSpec = None,
+        adaptive_frequency: AdaptiveFrequency | Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            update_frequency,
+            min_lr=min_lr,
+            max_lr=max_lr,
+            max_weight_decay=max_weight_decay,
+            adaptive_frequency=adaptive_frequency,
+        )
+        seed = secrets.randbits(31) if seed is None else check_int("seed", seed, minimum=0)
+        self.config = PolicyConfig(
+            lr_actions=lr_actions,
+            wd_actions=wd_actions,
+            action_mode=action_mode,
+            hidden_size=hidden_size,
+            initial_keep_prob=initial_keep_prob,
+            policy_lr=policy_lr,
+            entropy_weight=entropy_weight,
+            max_grad_norm=max_grad_norm,
+            batch_size=batch_size,
+            gamma=gamma,
+            return_horizon=return_horizon,
+            normalize_advantages=normalize_advantages,
+            baseline_decay=baseline_decay,
+            seed=seed,
+        )
+        self.per_group = _check_bool("per_group", per_group)
+        if callable(base_schedule):
+            self._schedule = base_schedule
+        else:
+            self._schedule = SCHEDULES[check_choice("base_schedule", base_schedule, tuple(SCHEDULES))]
+        self.base_schedule = base_schedule
+        bounds = _DEFAULT_SCALE_BOUNDS[action_mode] if lr_scale_bounds is None else lr_scale_bounds
+        if not isinstance(bounds, Sequence) or len(bounds) != 2:
+            raise TypeError(
+                f"lr_scale_bounds must be a (low, high) pair, got lr_scale_bounds={lr_scale_bounds!r}"
+            )
+        low = check_range("lr_scale_bounds[0]", bounds[0], 0.0, 1.0, low_open=True)
+        high = check_range("lr_scale_bounds[1]", bounds[1], 1.0, math.inf, high_open=True)
+        self.lr_scale_bounds = (low, high)
+        if not isinstance(cost_metric, str) or not cost_metric:
+            raise TypeError(f"cost_metric must be a metric name or 'steps', got cost_metric={cost_metric!r}")
+        self.cost_metric = cost_metric
+        self.cost_weight = check_range("cost_weight", cost_weight, 0.0, math.inf, high_open=True)
+        self.val_weight = check_range("val_weight", val_weight, 0.0, math.inf, high_open=True)
+        self.reward_clip = check_range(
+            "reward_clip", reward_clip, 0.0, math.inf, low_open=True, high_open=True
+        )
+        self.total_steps = None if total_steps is None else check_int("total_steps", total_steps, minimum=1)
+        if action_mode == "schedule" and self.total_steps is None:
+            raise ValueError(
+                "action_mode='schedule' needs total_steps (the base schedule's length), got total_steps=None"
+            )
+        if shared_policy is not None and (not isinstance(shared_policy, str) or not shared_policy):
+            raise TypeError(
+                f"shared_policy must be an actor name (str) or None, got shared_policy={shared_policy!r}"
+            )
+        self.shared_policy = shared_policy
+        if not isinstance(policy_namespace, str) or not policy_namespace:
+            raise TypeError(
+                f"policy_namespace must be a non-empty str, got policy_namespace={policy_namespace!r}"
+            )
+        self.policy_namespace = policy_namespace
+        self.segment_size = check_int("segment_size", segment_size, minimum=1)
+        self.sync_interval_s = check_range("sync_interval_s", sync_interval_s, 0.0, math.inf, high_open=True)
+        self.reconnect_interval_s = check_range(
+            "reconnect_interval_s", reconnect_interval_s, 0.0, math.inf, high_open=True
+        )
+        self.frozen = _check_bool("frozen", frozen)
+        self.greedy = _check_bool("greedy", greedy)
+        if self.greedy and not self.frozen:
+            raise ValueError(
+                "greedy=True needs frozen=True: REINFORCE learns only from sampled actions, got greedy=True, frozen=False"
+            )
+        wd_unit = max((abs(a) for a in self.config.wd_actions or () if a != 0.0), default=1e-5)
+        self._features = FeatureExtractor(
+            update_frequency=self.update_frequency,
+            total_steps=self.total_steps,
+            wd_unit=wd_unit,
+            loss_floor=loss_floor,
+        )
+        self.learner = Learner(self.config, importance_clip=importance_clip)
+        self.policy_path = policy_path
+        if policy_path is not None:
+            self._load_policy_file(policy_path)
+        self._client: Any = None
+        self.reset()
+
+    # ---------------------------------------------------------------- construction helpers
+    @classmethod
+    def from_policy(cls, policy_path: str, **kwargs: Any) -> RLMetaOptimizer:
+        """An RLMetaOptimizer whose action space and policy settings are those of a saved policy.
+
+        ``kwargs`` override the saved settings and give the rest (``update_frequency``,
+        ``total_steps``, ``frozen``, ...).
+
+        Example:
+            >>> meta = RLMetaOptimizer.from_policy("policy.pt", frozen=True, greedy=True, total_steps=1000)
+        """
+        saved = load_policy(policy_path)["config"]
+        saved.pop("seed", None)
+        return cls(policy_path=policy_path, **{**saved, **kwargs})
+
+    def _load_policy_file(self, path: str) -> None:
+        state = load_policy(path)
+        saved = PolicyConfig.from_dict(state["config"])
+        mismatch = signature_mismatch(saved.signature(), self.config.signature())
+        if mismatch:
+            detail = ", ".join(
+                f"{k}={saved.signature()[k]!r} (here {self.config.signature()[k]!r})" for k in mismatch
+            )
+            raise ValueError(
+                f"policy_path={path!r} holds a policy with {detail}; pass the same values, or use "
+                "RLMetaOptimizer.from_policy(path, ...) to take them from the file"
+            )
+        self.learner.load_state_dict(state)
+
+    # ---------------------------------------------------------------- state
+    def _init_state(self) -> None:
+        self.seed = self.config.seed  # also recorded when drawn at random (seed=None)
+        self.features = self._features.initial_state()
+        self.draws = getattr(self, "draws", 0)  # uniform draws so far (the sampling RNG's counter)
+        self.pending: list[dict[str, Any]] = []  # acted, return not known yet
+        self.ready: list[dict[str, Any]] = []  # return known, not learned from / sent yet
+        self.scales: list[float] = []  # schedule mode: per-group multiplier on the base schedule
+        self.decision_index = 0
+        self.episode_done = False
+        self.counters = {
+            "decisions": 0,
+            "transitions": 0,
+            "skipped_transitions": 0,
+            "sent_transitions": 0,
+            "local_updates": 0,
+        }
+
+    @property
+    def learner_state(self) -> dict[str, Any]:
+        """The policy's weights, optimizer, baseline and version (part of :meth:`state_dict`)."""
+        return self.learner.state_dict()
+
+    @learner_state.setter
+    def learner_state(self, state: Mapping[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+    def policy_state(self) -> dict[str, Any]:
+        """The policy as :func:`~ray_metaopt.rl.save_policy` writes it."""
+        return policy_state_from_learner(self.learner)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None  # a connection is not part of the object's value
+        return state
+
+    # ---------------------------------------------------------------- deciding
+    def decide(
+        self, metrics: Mapping[str, float], step: int, groups: Sequence[GroupState]
+    ) -> list[HParamUpdate]:
+        if "loss" not in metrics:
+            raise ValueError(
+                f"RLMetaOptimizer needs the metric 'loss' at every decision step, got metrics {sorted(metrics)}"
+            )
+        self._sync_shared_policy()
+        end = (
+            self.total_steps is not None
+            and not self.episode_done
+            and step + self.interval >= self.total_steps
+        )
+        rewarded = self._observe(metrics, step, final=end)
+        if end:
+            self._end_episode(final_term_given=rewarded)
+            return []  # no interval left to act on
+        return self._act(step, groups)
+
+    def _observe(self, metrics: Mapping[str, float], step: int, *, final: bool) -> bool:
+        """Update the features; give the last action its reward. Returns whether it got one."""
+        prev_log_loss, prev_step = self.features["log_loss"], self.features["step"]
+        self._features.observe(self.features, metrics, step)
+        if (
+            not self.pending
+            or self.pending[-1]["reward"] is not None
+            or prev_step is None
+            or step <= prev_step
+        ):
+            return False
+        # Per step, in units of update_frequency steps: adaptive intervals stay comparable.
+        reward = (prev_log_loss - self.features["log_loss"]) / (step - prev_step) * self.update_frequency
+        if self.cost_weight > 0.0:
+            cost = 1.0 if self.cost_metric == "steps" else metrics.get(self.cost_metric)
+            if cost is not None:
+                reward -= self.cost_weight * cost * self.update_frequency
+        reward = min(max(reward, -self.reward_clip), self.reward_clip)
+        if final:
+            reward += self._final_term()
+        self.pending[-1]["reward"] = reward
+        self._finalize(force=False)
+        return True
+
+    def _final_term(self) -> float:
+        """``val_weight`` x the log-improvement of ``val_loss`` over the run (0 without one)."""
+        val, val0 = self.features["val_loss"], self.features["val0"]
+        if val is None or val0 is None or self.val_weight == 0.0:
+            return 0.0
+        final = self.val_weight * (self._features.log_loss(val0) - self._features.log_loss(val))
+        return min(max(final, -self.reward_clip), self.reward_clip)
+
+    def _end_episode(self, *, final_term_given: bool) -> None:
+        """Returns of every pending decision (with the final term), and a last learn/send."""
+        if not final_term_given:
+            rewarded = [t for t in self.pending if t["reward"] is not None]
+            if rewarded:
+                rewarded[-1]["reward"] += self._final_term()
+        self._finalize(force=True)
+        self._learn_or_send(final=True)
+        self.episode_done = True
+
+    def _finalize(self, *, force: bool) -> None:
+        """Move decisions whose return is known (``return_horizon`` rewards, or the episode's end) to ``ready``."""
+        horizon, gamma = self.config.return_horizon, self.config.gamma
+        while self.pending:
+            known = 0
+            for t in self.pending[:horizon]:
+                if t["reward"] is None:
+                    break
+                known += 1
+            if known == 0 or (known < horizon and not force):
+                break
+            ret = sum(gamma**k * self.pending[k]["reward"] for k in range(known))
+            t = self.pending.pop(0)
+            del t["reward"]
+            t["ret"] = ret
+            # Features are clamped and rewards come from finite metrics: this is a last guard.
+            if math.isfinite(ret):
+                self.ready.append(t)
+                self.counters["transitions"] += 1
+            else:
+                self.counters["skipped_transitions"] += 1
+        if force:
+            self.pending.clear()  # a last action without a reward teaches nothing
+        self._learn_or_send(final=False)
+
+    def _learn_or_send(self, *, final: bool) -> None:
+        if self.frozen:
+            self.ready.clear()
+            return
+        if self.shared_policy is not None:
+            if self.ready and (final or len(self.ready) >= self.segment_size):
+                self._send_ready()
+            return
+        batch = self.config.batch_size
+        while len(self.ready) >= batch or (final and len(self.ready) >= 2):
+            taken, self.ready = self.ready[:batch], self.ready[batch:]
+            self.learner.update(taken)
+            self.counters["local_updates"] += 1
+
+    def _act(self, step: int, groups: Sequence[GroupState]) -> list[HParamUpdate]:
+        fx = self._features
+        global_f = fx.global_features(self.features, step, self.interval)
+        if self.per_group:
+            if not groups:
+                return []
+            units = [[g] for g in groups]
+            rows = [global_f + fx.group_features(g) for g in groups]
+        else:
+            units = [list(groups)]
+            rows = [global_f + fx.mean_group_features(groups)]
+        with single_threaded():
+            lr_logp, wd_logp = self.learner.network.act_log_probs(rows)
+
+        lr_idx, wd_idx, logp = [], [], 0.0
+        for r, unit in enumerate(units):
+            i = self._choose(lr_logp[r])
+            logp += lr_logp[r][i]
+            j = -1
+            if wd_logp is not None and any(g.weight_decay is not None for g in unit):
+                j = self._choose(wd_logp[r])
+                logp += wd_logp[r][j]
+            lr_idx.append(i)
+            wd_idx.append(j)
+
+        progress = fx.progress(step)
+        updates = []
+        for unit, i, j in zip(units, lr_idx, wd_idx):
+            for g in unit:
+                updates.extend(self._group_updates(g, i, j, progress))
+        self.counters["decisions"] += 1
+        if not self.frozen:
+            self.pending.append(
+                {
+                    "rows": rows,
+                    "lr": lr_idx,
+                    "wd": wd_idx,
+                    "logp": logp,
+                    "reward": None,
+                    "progress": progress,
+                    "decision": self.decision_index,
+                    "version": self.learner.version,
+                }
+            )
+        self.decision_index += 1
+        return updates
+
+    def _choose(self, logp: list[float]) -> int:
+        if self.greedy:
+            return argmax(logp)
+        u = uniform(self.seed, self.draws)
+        self.draws += 1
+        return sample_index([math.exp(x) for x in logp], u)
+
+    def _group_updates(self, g: GroupState, i: int, j: int, progress: float | None) -> list[HParamUpdate]:
+        factor = self.config.lr_actions[i]
+        low, high = self.lr_scale_bounds
+        updates = []
+        if self.config.action_mode == "schedule":
+            while len(self.scales) <= g.index:
+                self.scales.append(1.0)
+            scale = min(max(self.scales[g.index] * factor, low), high)
+            self.scales[g.index] = scale
+            base = self._schedule(progress if progress is not None else 0.0)
+            updates.append(
+                HParamUpdate(
+                    g.index,
+                    "lr",
+                    g.initial_lr * base * scale,
+                    f"rl: schedule x{scale:.4g} (action x{factor:g})",
+                )
+            )
+        elif factor != 1.0 and g.lr > 0.0:
+            lr = g.lr * factor
+            if g.initial_lr > 0.0:
+                lr = min(max(lr, g.initial_lr * low), g.initial_lr * high)
+            updates.append(HParamUpdate(g.index, "lr", lr, f"rl: lr x{factor:g}"))
+        if j >= 0 and g.weight_decay is not None:
+            shift = self.config.wd_actions[j]
+            if shift != 0.0:
+                updates.append(
+                    HParamUpdate(
+                        g.index, "weight_decay", max(g.weight_decay + shift, 0.0), f"rl: wd {shift:+g}"
+                    )
+                )
+        return updates
+
+    # ---------------------------------------------------------------- end of training
+    def finish(
+        self, metrics: Mapping[str, float] | None = None, step: int | None = None, *, timeout_s: float = 5.0
+    ) -> None:
+        """End the episode: reward the last action (from ``metrics`` at ``step``, if given), add the
+        final ``val_loss`` term, learn from (or send) what is left, and with a shared policy wait up
+        to ``timeout_s`` for the sends to land. Call it once after the training loop.
+
+        Example:
+            >>> meta.finish({"loss": last_loss, "val_loss": val_loss}, step=num_steps - 1)
+        """
+        rewarded = False
+        if metrics is not None and not self.episode_done:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            last = self.features["step"]
+            if step is None and last is not None:
+                step = last + self.interval
+            if "loss" in metrics and step is not None and all(math.isfinite(v) for v in metrics.values()):
+                rewarded = self._observe(metrics, step, final=True)
+        if not self.episode_done:
+            self._end_episode(final_term_given=rewarded)
+        if self._client is not None:
+            self._client.drain(timeout_s)
+
+    # ---------------------------------------------------------------- shared policy
+    def _make_client(self) -> Any:
+        from .actor import PolicyClient
+
+        return PolicyClient(
+            self.shared_policy,
+            self.policy_namespace,
+            sync_interval_s=self.sync_interval_s,
+            reconnect_interval_s=self.reconnect_interval_s,
+        )
+
+    def _sync_shared_policy(self) -> None:
+        if self.shared_policy is None:
+            return
+        if self._client is None:
+            self._client = self._make_client()
+        update = self._client.poll(self.learner.version)
+        if update is None:
+            return
+        mismatch = signature_mismatch(update["signature"], self.config.signature())
+        if mismatch:
+            raise ValueError(
+                f"the shared policy {self.shared_policy!r} was started with "
+                + ", ".join(f"{k}={update['signature'][k]!r}" for k in mismatch)
+                + " but this RLMetaOptimizer has "
+                + ", ".join(f"{k}={self.config.signature()[k]!r}" for k in mismatch)
+                + "; give start_policy_actor(policy_config=...) and the trials the same settings"
+            )
+        if update.get("weights") is not None:
+            self.learner.load_weights(update["weights"])
+            self.learner.version = int(update["version"])
+
+    def _send_ready(self) -> None:
+        if self._client is None:
+            self._client = self._make_client()
+        transitions, self.ready = self.ready, []
+        self._client.send(transitions)
+        self.counters["sent_transitions"] += len(transitions)
+
+    # ---------------------------------------------------------------- observability
+    def stats(self) -> dict[str, Any]:
+        """Counters and the latest policy metrics, with namespaced keys (for reporting)."""
+        out: dict[str, Any] = {
+            "policy/version": self.learner.version,
+            "policy/updates": self.learner.updates,
+            **{f"rl/{k}": v for k, v in self.counters.items()},
+            "rl/pending": len(self.pending),
+            "rl/ready": len(self.ready),
+        }
+        for key in (
+            "policy/entropy",
+            "policy/mean_return",
+            "policy/pg_loss",
+            "policy/entropy_loss",
+            "policy/baseline",
+        ):
+            if key in self.learner.last_metrics:
+                out[key] = self.learner.last_metrics[key]
+        if self._client is not None:
+            out.update({f"rl/client_{k}": v for k, v in self._client.stats().items()})
+        return out
+
+    def __repr__(self) -> str:
+        shared = f", shared_policy={self.shared_policy!r}" if self.shared_policy else ""
+        return (
+            f"RLMetaOptimizer(update_frequency={self.update_frequency}, lr_actions={list(self.config.lr_actions)}, "
+            f"wd_actions={self.config.wd_actions and list(self.config.wd_actions)}, "
+            f"action_mode={self.config.action_mode!r}, per_group={self.per_group}{shared})"
+        )
