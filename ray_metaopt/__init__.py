@@ -1,6 +1,7 @@
 """ray_metaopt: adjust a PyTorch optimizer's hyperparameters while it trains, inside Ray Tune."""
 
 from .base import GroupState, HParamUpdate, MetaOptimizer
+from .distributed import DistributedOptimizerWrapper
 from .expert_gate import ExpertGateMetaOptimizer, SmartExpertGateMetaOptimizer
 from .frequency import AdaptiveFrequency
 from .history import Decision, SkippedDecision
@@ -13,6 +14,7 @@ __all__ = [
     "AdaptiveFrequency",
     "AdvancedPlateauMetaOptimizer",
     "Decision",
+    "DistributedOptimizerWrapper",
     "ExpertGateMetaOptimizer",
     "GroupState",
     "HParamUpdate",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -257,19 +257,59 @@ class OptimizerWrapper(torch.optim.Optimizer):
             else:
                 group[update.hparam] = new
             if update.hparam == "lr" and old > 0:
-                self._rescale_schedule(update.group, new / old)
+                self._rescale_schedule_anchors(update.group, lambda anchor: anchor * (new / old))
             decision = Decision(step, update.group, state.name, update.hparam, old, new, update.reason)
             self.log.add(decision)
             applied.append(decision)
         return applied
 
-    def _rescale_schedule(self, index: int, factor: float) -> None:
+    def _rescale_schedule_anchors(self, index: int, rescale: Callable[[float], float], schedulers=()) -> None:
         group = self.param_groups[index]
         if "initial_lr" in group and not isinstance(group["initial_lr"], torch.Tensor):
-            group["initial_lr"] = group["initial_lr"] * factor
-        for scheduler in self._schedulers:
+            group["initial_lr"] = rescale(group["initial_lr"])
+        for scheduler in {id(s): s for s in [*self._schedulers, *schedulers]}.values():
             if index < len(scheduler.base_lrs):
-                scheduler.base_lrs[index] = scheduler.base_lrs[index] * factor
+                scheduler.base_lrs[index] = rescale(scheduler.base_lrs[index])
+
+    def rescale_anchors(
+        self,
+        index: int,
+        hparam: str,
+        *,
+        factor: float | None = None,
+        value: float | None = None,
+        schedulers: Sequence[Any] = (),
+    ) -> None:
+        """Scale by ``factor`` (or set to ``value``) the anchors relative rules use for one group.
+
+        The anchors are the value of ``hparam`` that strategies see as ``GroupState.initial_*``
+        and, for ``"lr"``, the group's ``initial_lr`` and the ``base_lrs`` entry of every attached
+        scheduler (plus ``schedulers``). Use it when something other than the meta-optimizer
+        changes a group's value for good, e.g. a PBT-perturbed config restored from a checkpoint.
+
+        Args:
+            index: the param group.
+            hparam: ``"lr"`` or ``"weight_decay"``.
+            factor: multiply each anchor by this (> 0).
+            value: set each anchor to this instead (exactly one of ``factor`` / ``value``).
+            schedulers: schedulers not attached to the wrapper whose ``base_lrs`` follow too.
+        """
+        if hparam not in ("lr", "weight_decay"):
+            raise ValueError(f"hparam must be 'lr' or 'weight_decay', got hparam={hparam!r}")
+        if (factor is None) == (value is None):
+            raise ValueError(f"give exactly one of factor and value, got factor={factor!r}, value={value!r}")
+        if not 0 <= index < len(self.param_groups):
+            raise ValueError(f"index must be a param group index < {len(self.param_groups)}, got index={index!r}")
+
+        def rescale(anchor: float) -> float:
+            return anchor * factor if factor is not None else float(value)
+
+        lr0, wd0 = self._initial[index]
+        if hparam == "lr":
+            self._initial[index] = (rescale(lr0), wd0)
+            self._rescale_schedule_anchors(index, rescale, schedulers)
+        elif wd0 is not None:
+            self._initial[index] = (lr0, rescale(wd0))
 
     # ------------------------------------------------------------ history
     @property

@@ -18,7 +18,7 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray (4 logical CPUs, 4 simulated GPUs) shared by every test of the session.
+    """A real local Ray (4 logical CPUs; the real GPUs, or 4 simulated ones) shared by every test.
 
     Tests that start their own cluster (``cluster`` marker) run their Ray client in a subprocess
     so they never conflict with this one.
@@ -29,7 +29,7 @@ def ray_session():
         ray.init(
             address="local",  # never attach to a cluster another test or process started
             num_cpus=4,
-            num_gpus=4,
+            num_gpus=torch.cuda.device_count() or 4,  # simulated GPUs where there is no CUDA
             include_dashboard=False,
             namespace="ray_metaopt_tests",
             log_to_driver=False,

@@ -412,3 +412,18 @@ def test_decision_log_is_bounded_but_counts_everything():
         w.update_hyperparameters({"loss": 1.0})
     assert len(w.decisions) == 3 and w.log.num_decisions == 10
     assert math.isclose(w.decisions[-1].new, 1e-3 * 0.5**5)
+
+
+def test_rescale_anchors_moves_initial_values_and_schedules():
+    model, groups = two_group_model()
+    w = OptimizerWrapper(torch.optim.SGD(groups, lr=0.1), ScaleEvery(update_frequency=1000))
+    sched = w.attach_scheduler(torch.optim.lr_scheduler.LambdaLR(w, lambda e: 1.0))
+    w.rescale_anchors(1, "lr", factor=2.0)
+    w.rescale_anchors(1, "weight_decay", value=0.5)
+    head = w.group_states()[1]
+    assert (head.initial_lr, head.initial_weight_decay) == (2e-3, 0.5)
+    assert sched.base_lrs == [1e-2, 2e-3] and w.param_groups[1]["initial_lr"] == 2e-3
+    with pytest.raises(ValueError, match="exactly one of factor and value"):
+        w.rescale_anchors(0, "lr")
+    with pytest.raises(ValueError, match="hparam must be 'lr' or 'weight_decay'"):
+        w.rescale_anchors(0, "momentum", factor=2.0)

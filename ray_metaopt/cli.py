@@ -1,0 +1,636 @@
+"""``ray-metaopt``: compare meta-optimization strategies on a built-in task with Ray Tune.
+
+The default run (no arguments) starts a local Ray by itself, trains the built-in
+``teacher_student`` task with two seeds per strategy (no meta-optimizer, a cosine schedule,
+plateau, advanced plateau, the shared RL policy), shows Tune's progress output, then prints a results table and writes
+``results.csv``/``results.json``, every trial's hyperparameter trajectory and a PNG of learning
+rate and loss per trial into ``--output``. ``--address`` runs the same experiment on an existing
+Ray cluster.
+
+Examples::
+
+    ray-metaopt                                  # the default comparison, a few minutes on 2 CPUs
+    ray-metaopt --smoke                          # a tiny run (under a minute)
+    ray-metaopt --strategies none plateau --num-samples 3 --max-steps 2000
+    ray-metaopt --address auto --gpus-per-trial 0.5 --storage-path s3://bucket/experiments
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("teacher_student", "moe", "digits", "sequence")
+DEFAULT_STRATEGIES = ("none", "cosine", "plateau", "advanced_plateau", "rl")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One CLI strategy: the provided trainable's ``meta`` name and ``meta_config`` builder."""
+
+    meta: str
+    help: str
+    meta_config: Callable[[argparse.Namespace, dict[str, Any]], dict[str, Any]] = field(
+        default=lambda args, ctx: {}
+    )
+    # Extra top-level trainable config (e.g. an lr schedule for a baseline).
+    extra_config: Callable[[argparse.Namespace], dict[str, Any]] = field(default=lambda args: {})
+    tasks: tuple[str, ...] | None = None  # tasks it makes sense on (None: all)
+
+
+def _per_eval(args: argparse.Namespace) -> dict[str, Any]:
+    # Heuristic strategies decide once per evaluation, on the validation loss: the provided
+    # trainable passes ``val_loss`` to the meta-optimizer at evaluation steps, and a decision
+    # every ``eval_interval`` steps falls on exactly those steps. Patience counts evaluations.
+    return {"monitor": "val_loss", "update_frequency": args.eval_interval}
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "none": Strategy("none", "the optimizer alone (constant lr): the baseline"),
+    "cosine": Strategy(
+        "none",
+        "no meta-optimizer, a cosine lr schedule to zero: the schedule baseline",
+        extra_config=lambda args: {"schedule": "cosine"},
+    ),
+    "plateau": Strategy(
+        "plateau",
+        "PlateauMetaOptimizer: cut lr when val_loss plateaus",
+        lambda args, ctx: {"patience": 2, "lr_factor": 0.5, "threshold": 1e-3, **_per_eval(args)},
+    ),
+    "advanced_plateau": Strategy(
+        "advanced_plateau",
+        "AdvancedPlateauMetaOptimizer: plateau + loss trend + warmup + overfitting gap",
+        # Warmup decides at every step, where there is no val_loss: this one monitors the
+        # training loss averaged over each interval (and sees val_loss for its gap criterion).
+        lambda args, ctx: {
+            "patience": 2,
+            "lr_factor": 0.5,
+            "threshold": 1e-3,
+            "trend_window": 4,
+            "criteria": "any",
+            "monitor": "loss",
+            # One evaluation interval of warmup keeps later decisions on evaluation steps.
+            "warmup_steps": args.eval_interval,
+            "update_frequency": args.eval_interval,
+        },
+        extra_config=lambda args: {"metric_reduction": "mean"},
+    ),
+    "expert_gate": Strategy(
+        "expert_gate",
+        "ExpertGateMetaOptimizer: separate gate/expert lrs (MoE task only)",
+        lambda args, ctx: {"update_frequency": args.eval_interval},
+        tasks=("moe",),
+    ),
+    "smart_expert_gate": Strategy(
+        "smart_expert_gate",
+        "SmartExpertGateMetaOptimizer: entropy/sparsity/specialization (MoE task only)",
+        lambda args, ctx: {
+            "gate_lr_factor": 0.1,
+            "expert_lr_factor": 1.0,
+            "entropy_threshold": 0.8,
+            "sparsity_target": 0.7,
+            "specialization_bonus": 1.2,
+            "update_frequency": args.eval_interval,
+        },
+        tasks=("moe",),
+    ),
+    "rl": Strategy(
+        "rl",
+        "RLMetaOptimizer: REINFORCE policy shared by every rl trial through a Ray actor",
+        lambda args, ctx: {
+            "shared_policy": ctx["policy_name"],
+            "update_frequency": max(1, args.eval_interval // 5),
+        },
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- arguments
+def _strategy_list(values: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for value in values:
+        names.extend(v.strip() for v in value.split(",") if v.strip())
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ray-metaopt",
+        description=(
+            "Compare meta-optimization strategies (hyperparameters adjusted while training) on a "
+            "built-in task with Ray Tune. Without arguments: a local Ray, the teacher_student "
+            "task, strategies " + ", ".join(DEFAULT_STRATEGIES) + "; then a results table and a PNG."
+        ),
+        epilog=(
+            "subcommands:\n  bench    the benchmark suite (ray-metaopt bench --help)\n\n"
+            "strategies:\n" + "\n".join(f"  {name:<18} {s.help}" for name, s in STRATEGIES.items())
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ray_group = parser.add_argument_group("Ray")
+    ray_group.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run on ('auto', 'ray://host:10001', 'host:6379'); default: start a local Ray",
+    )
+    ray_group.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ray_group.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    ray_group.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, whole or fractional (default 0)"
+    )
+    exp = parser.add_argument_group("experiment")
+    exp.add_argument(
+        "--task",
+        default="teacher_student",
+        help=f"built-in or registered task (built-ins: {', '.join(TASKS)})",
+    )
+    exp.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"strategies to compare, space or comma separated (default: {' '.join(DEFAULT_STRATEGIES)}; "
+        f"choices: {', '.join(STRATEGIES)})",
+    )
+    exp.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="seeds per strategy: --seed, --seed+1, ... (default 2; smoke 1)",
+    )
+    exp.add_argument(
+        "--max-steps", type=int, default=None, help="training steps per trial (default 1500; smoke 60)"
+    )
+    exp.add_argument(
+        "--eval-interval", type=int, default=None, help="steps between evaluations (default 50; smoke 10)"
+    )
+    exp.add_argument("--batch-size", type=int, default=None, help="batch size (default: the trainable's)")
+    exp.add_argument("--optimizer", default="adamw", help="torch optimizer name (default adamw)")
+    exp.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (default 1e-2)")
+    exp.add_argument("--weight-decay", type=float, default=1e-4, help="initial weight decay (default 1e-4)")
+    exp.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    exp.add_argument(
+        "--scheduler",
+        choices=("fifo", "asha"),
+        default="fifo",
+        help="Tune scheduler under the meta-aware one that stops diverged trials (default fifo)",
+    )
+    exp.add_argument(
+        "--policy-name", default=None, help="name of the shared RL policy actor (default: unique per run)"
+    )
+    exp.add_argument("--smoke", action="store_true", help="a tiny run: few steps, for CI and a first try")
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--output",
+        default="./ray_metaopt_results",
+        help="directory for the table, trajectories and PNG (default ./ray_metaopt_results)",
+    )
+    out.add_argument(
+        "--storage-path",
+        default=None,
+        help="Tune storage_path (local dir or URI such as s3://...; default <output>/tune)",
+    )
+    out.add_argument("--name", default=None, help="experiment name (default metaopt_<time>)")
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    out.add_argument(
+        "--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's output verbosity (default 1)"
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = _strategy_list(args.strategies) if args.strategies is not None else list(DEFAULT_STRATEGIES)
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        parser.error(
+            f"unknown strategy {', '.join(map(repr, unknown))}; choose from: {', '.join(STRATEGIES)}"
+        )
+    if not names:
+        parser.error(f"--strategies is empty; choose from: {', '.join(STRATEGIES)}")
+    names = list(dict.fromkeys(names))
+    for name in names:
+        tasks = STRATEGIES[name].tasks
+        if tasks is not None and args.task not in tasks:
+            parser.error(f"strategy {name!r} needs --task {' or '.join(tasks)}, got --task {args.task}")
+    args.strategy_names = names
+    from ray_metaopt.tune import available_optimizers, available_tasks
+
+    if ":" not in args.task and args.task not in available_tasks():
+        parser.error(
+            f"unknown task {args.task!r}; choose from: {', '.join(available_tasks())} (or 'module:attr')"
+        )
+    if ":" not in args.optimizer and args.optimizer.lower() not in available_optimizers():
+        parser.error(
+            f"unknown optimizer {args.optimizer!r}; choose from: {', '.join(available_optimizers())}"
+        )
+    if args.num_samples is None:
+        args.num_samples = 1 if args.smoke else 2
+    if args.max_steps is None:
+        args.max_steps = 60 if args.smoke else 1500
+    if args.eval_interval is None:
+        args.eval_interval = 10 if args.smoke else 50
+    for flag in ("num_samples", "max_steps", "eval_interval"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.eval_interval > args.max_steps:
+        parser.error(f"--eval-interval ({args.eval_interval}) must be <= --max-steps ({args.max_steps})")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive finite number, got {args.lr}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        parser.error(
+            f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {args.cpus_per_trial} and {args.gpus_per_trial}"
+        )
+    if args.num_cpus is not None and args.address is not None:
+        parser.error("--num-cpus sizes the local Ray; it cannot be used with --address")
+    return args
+
+
+# ----------------------------------------------------------------------------- the experiment
+STRATEGY_KEY = "_strategy"  # the trainable leaves keys starting with "_" to the user
+
+
+def build_param_space(args: argparse.Namespace, policy_name: str) -> dict[str, Any]:
+    """Tune ``param_space`` for the provided trainable: a grid over strategies (and seeds).
+
+    Each strategy's ``meta``/``meta_config`` (and extras such as ``schedule``) follow its name in
+    ``config["_strategy"]``; a key one strategy sets and another does not gets the trainable's
+    default for the other.
+    """
+    from ray import tune
+
+    from ray_metaopt.tune import default_config
+
+    ctx = {"policy_name": policy_name}
+    presets = {}
+    for name in args.strategy_names:
+        strategy = STRATEGIES[name]
+        presets[name] = {
+            "meta": strategy.meta,
+            "meta_config": strategy.meta_config(args, ctx),
+            **strategy.extra_config(args),
+        }
+    defaults = default_config()
+    keys = sorted({k for preset in presets.values() for k in preset})
+    for preset in presets.values():
+        for key in keys:
+            preset.setdefault(key, defaults[key])
+
+    def lookup(key: str) -> Any:
+        return tune.sample_from(lambda config: presets[config[STRATEGY_KEY]][key])
+
+    space: dict[str, Any] = {
+        STRATEGY_KEY: tune.grid_search(args.strategy_names),
+        "task": args.task,
+        "optimizer": args.optimizer,
+        "optimizer_config": {"lr": args.lr, "weight_decay": args.weight_decay},
+        "max_steps": args.max_steps,
+        "eval_interval": args.eval_interval,
+        # A checkpoint every 10 evaluations (and at the end) is plenty for a short comparison.
+        "checkpoint_interval": 10,
+        # Every strategy trains with the same seeds: a paired comparison.
+        "seed": tune.grid_search(list(range(args.seed, args.seed + args.num_samples)))
+        if args.num_samples > 1
+        else args.seed,
+    }
+    if args.batch_size is not None:
+        space["batch_size"] = args.batch_size
+    for key in keys:
+        space[key] = lookup(key)
+    return space
+
+
+def _init_ray(args: argparse.Namespace) -> bool:
+    """Connect to ``--address`` or start a local Ray; returns whether this process started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    return True
+
+
+def _error_summary(error: BaseException) -> str:
+    """``"KeyError: ..."`` of the exception a trial raised (Ray wraps it with a traceback)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        error = cause
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(error).__name__}: {text}"[:500]
+
+
+def _result_rows(grid: Any, scheduler: Any) -> list[dict[str, Any]]:
+    rows = []
+    stopped = getattr(scheduler, "stopped_trials", {})
+    for result in grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        trial_id = metrics.get("trial_id")
+        if result.error is not None:
+            status = "ERROR"
+        elif trial_id in stopped:
+            status = "stopped: " + stopped[trial_id].split(":", 1)[0]
+        elif metrics.get("diverged"):
+            status = "diverged"
+        else:
+            status = "done"
+        rows.append(
+            {
+                "strategy": config.get(STRATEGY_KEY, config.get("meta")),
+                "seed": config.get("seed"),
+                "trial_id": trial_id,
+                "status": status,
+                "steps": metrics.get("step"),
+                "final_val_loss": metrics.get("val_loss"),
+                "best_val_loss": metrics.get("best_val_loss"),
+                "final_lr": metrics.get("lr"),
+                "decisions": metrics.get("meta/num_decisions"),
+                "steps_per_second": metrics.get("steps_per_second"),
+                "error": None if result.error is None else _error_summary(result.error),
+                "noise_floor": next(
+                    (
+                        v
+                        for k, v in metrics.items()
+                        if k.endswith("/val_noise_floor") and isinstance(v, (int, float))
+                    ),
+                    None,
+                ),
+            }
+        )
+    order = {name: i for i, name in enumerate(STRATEGIES)}
+    rows.sort(key=lambda r: (order.get(r["strategy"], 99), r["seed"] if r["seed"] is not None else 0))
+    return rows
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table: strategy, seed, status, final/best val_loss, decisions, steps/s."""
+    headers = [
+        "strategy",
+        "seed",
+        "status",
+        "steps",
+        "final val_loss",
+        "best val_loss",
+        "final lr",
+        "decisions",
+        "steps/s",
+    ]
+    lines = [
+        [
+            _fmt(r["strategy"]),
+            _fmt(r["seed"]),
+            _fmt(r["status"]),
+            _fmt(r["steps"]),
+            _fmt(r["final_val_loss"]),
+            _fmt(r["best_val_loss"]),
+            _fmt(r["final_lr"], ".3g"),
+            _fmt(r["decisions"]),
+            _fmt(r["steps_per_second"], ".1f"),
+        ]
+        for r in rows
+    ]
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)
+    ]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per strategy: trials, finished trials, mean/std of final and best val_loss, mean decisions."""
+    import statistics
+
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == strategy]
+        done = [r for r in mine if r["status"] == "done" and isinstance(r["best_val_loss"], (int, float))]
+        entry: dict[str, Any] = {"strategy": strategy, "trials": len(mine), "done": len(done)}
+        for key in ("final_val_loss", "best_val_loss", "decisions"):
+            values = [float(r[key]) for r in done if isinstance(r[key], (int, float))]
+            entry[f"{key}_mean"] = statistics.fmean(values) if values else None
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(entry)
+    return out
+
+
+def format_summary(summary: Sequence[dict[str, Any]]) -> str:
+    headers = ["strategy", "done", "final val_loss (mean +- std)", "best val_loss (mean +- std)", "decisions"]
+
+    def pm(entry: dict[str, Any], key: str) -> str:
+        mean, std = entry[f"{key}_mean"], entry[f"{key}_std"]
+        return "-" if mean is None else f"{mean:.4g}" + (f" +- {std:.2g}" if std is not None else "")
+
+    lines = [
+        [
+            str(e["strategy"]),
+            f"{e['done']}/{e['trials']}",
+            pm(e, "final_val_loss"),
+            pm(e, "best_val_loss"),
+            _fmt(e["decisions_mean"], ".1f"),
+        ]
+        for e in summary
+    ]
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)
+    ]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _write_results(output: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> tuple[str, str]:
+    import csv
+
+    csv_path = os.path.join(output, "results.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = os.path.join(output, "results.json")
+    with open(json_path, "w") as f:
+        json.dump({"trials": rows, **extra}, f, indent=1, default=_json_default)
+    return csv_path, json_path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison experiment described by parsed ``args``; returns the exit status."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from ray_metaopt.tune import trainable_with_resources
+    from ray_metaopt.tune.callbacks import MetaOptCallback
+    from ray_metaopt.tune.plotting import MissingPlotDependency, plot_trajectories
+    from ray_metaopt.tune.scheduler import MetaAwareScheduler
+
+    # The trainable reports each interval's decisions as a list of dicts; TensorBoard cannot
+    # log lists and Tune's TBX logger warns on every report (the JSON/CSV logs keep them).
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
+    output = os.path.abspath(args.output)
+    os.makedirs(output, exist_ok=True)
+    storage_path = args.storage_path or os.path.join(output, "tune")
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    name = args.name or time.strftime("metaopt_%Y%m%d_%H%M%S")
+    uses_rl = any(STRATEGIES[n].meta == "rl" for n in args.strategy_names)
+    policy_name = args.policy_name or f"ray_metaopt_cli_{uuid.uuid4().hex[:8]}"
+
+    started_ray = _init_ray(args)
+    try:
+        callback = MetaOptCallback(
+            policy_name=policy_name if uses_rl else None,
+            policy_config={"seed": args.seed} if uses_rl else None,
+            policy_save_path=os.path.join(output, "policy.pt") if uses_rl else None,
+            trajectory_dir=os.path.join(output, "trajectories"),
+            stats_interval_s=5.0,
+        )
+        num_reports = math.ceil(args.max_steps / args.eval_interval)
+        base = (
+            ASHAScheduler(
+                time_attr="training_iteration", max_t=num_reports, grace_period=max(1, num_reports // 4)
+            )
+            if args.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        scheduler = MetaAwareScheduler(base, stop_on_divergence=True)
+        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        tuner = tune.Tuner(
+            trainable_with_resources(resources),
+            param_space=build_param_space(args, policy_name),
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                callbacks=[callback],
+                verbose=args.verbose,
+            ),
+        )
+        print(
+            f"ray-metaopt: {len(args.strategy_names)} strategies x {args.num_samples} sample(s) on task "
+            f"{args.task!r}, {args.max_steps} steps each; Ray {'at ' + args.address if args.address else 'local'}",
+            flush=True,
+        )
+        start = time.monotonic()
+        grid = tuner.fit()
+        elapsed = time.monotonic() - start
+
+        rows = _result_rows(grid, scheduler)
+        print()
+        print(f"Results ({len(rows)} trials, {elapsed:.0f}s):")
+        print(format_table(rows))
+        summary = summarize(rows)
+        if args.num_samples > 1:
+            print(f"\nPer strategy ({args.num_samples} seeds each):")
+            print(format_summary(summary))
+        floors = [r["noise_floor"] for r in rows if r["noise_floor"] is not None]
+        if floors:
+            print(f"\n{args.task} noise floor (the lowest val_loss possible): {floors[0]:.4g}")
+        extra = {
+            "summary": summary,
+            "experiment_path": grid.experiment_path,
+            "task": args.task,
+            "max_steps": args.max_steps,
+            "wall_seconds": elapsed,
+            "policy_stats": callback.policy_stats,
+            "policy_path": callback.saved_policy_path,
+        }
+        csv_path, json_path = _write_results(output, rows, extra)
+        print(f"\nresults: {csv_path} (and {os.path.basename(json_path)})")
+        print(f"trajectories: {os.path.join(output, 'trajectories')}")
+        if callback.policy_stats:
+            s = callback.policy_stats
+            print(
+                f"shared policy: version {s.get('policy/version')}, {s.get('policy/updates')} updates, "
+                f"{s.get('rollouts/transitions')} transitions; saved to {callback.saved_policy_path}"
+            )
+        if not args.no_plot:
+            try:
+                png = plot_trajectories(
+                    callback.trajectories.values(),
+                    os.path.join(output, "lr_loss.png"),
+                    title=f"ray-metaopt: {args.task}",
+                    loss_floor=floors[0] if floors else None,
+                )
+                print(f"plot: {png}")
+            except MissingPlotDependency as e:
+                print(f"plot skipped: {e}")
+        errored = [r for r in rows if r["status"] == "ERROR"]
+        for r in errored:
+            print(f"trial {r['trial_id']} ({r['strategy']}) failed: {r['error']}", file=sys.stderr)
+        if not rows or errored:
+            return 1
+        return 0
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def bench(argv: Sequence[str]) -> int:
+    """``ray-metaopt bench``: runs :func:`ray_metaopt.bench.main` (the benchmark suite) when the
+    package has it; otherwise says so and returns 2."""
+    try:
+        from ray_metaopt.bench import main as bench_main
+    except ModuleNotFoundError as e:
+        if e.name not in ("ray_metaopt.bench",):
+            raise
+        print("ray-metaopt bench: not implemented in this version (no ray_metaopt.bench)", file=sys.stderr)
+        return 2
+    return bench_main(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ray-metaopt`` console command.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns:
+        The exit status: 0 when every trial finished (stopping a diverged trial is a finish), 1
+        when a trial errored, 2 for bad arguments (argparse exits with 2 itself).
+
+    Example:
+        >>> main(["--smoke", "--strategies", "none", "plateau", "--output", "/tmp/metaopt"])  # doctest: +SKIP
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return bench(argv[1:])
+    args = parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The provided Tune function trainable: a built-in (or registered) task trained under a meta-optimizer."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..wrapper import OptimizerWrapper
+from .builders import (
+    TrialConfig,
+    build_meta_optimizer,
+    build_optimizer,
+    build_schedule,
+    check_val_loss_alignment,
+    optimizer_class,
+    optimizer_defaults,
+    resolve_config,
+    trial_meta_defaults,
+)
+from .reporting import MetricsReporter, load_checkpoint, reporter_for, save_checkpoint
+from .tasks import make_task
+
+ReportFn = Callable[[dict, "str | None"], None]
+
+
+class TrainingRun:
+    """One trial's training: builds task, model, optimizer and strategy from a config, then trains.
+
+    :func:`metaopt_trainable` is this class plus Tune's report and checkpoint calls; the class
+    runs without Ray too (``report`` is any callable), which is how the tests check the loop.
+
+    Each step: draw a batch, ``backward``, clip (``grad_clip``), check the loss and gradient
+    norm are finite, ``optimizer.step()``, the lr schedule's step, and at evaluation steps the
+    validation pass; then ``update_hyperparameters`` with ``loss`` and ``grad_norm`` (device
+    tensors), ``step_time`` (seconds), ``val_loss`` at evaluations and the task's per-step
+    metrics (e.g. ``routing_entropy``). A decision therefore applies from the next step on.
+
+    A non-finite loss or gradient norm stops the trial *before* the optimizer step, and a
+    non-finite validation loss at an evaluation stops it before the strategy sees it: the trial
+    reports ``diverged=True`` with ``diverged_reason``, writes no checkpoint of that state, and
+    returns, so training never continues on non-finite values (the last checkpoint stays the last
+    good state). The per-step check reads one value on the host (one sync per step on CUDA).
+
+    Args:
+        config: the trial config (see :class:`~ray_metaopt.tune.builders.TrialConfig`).
+
+    Example:
+        >>> run = TrainingRun({"task": "teacher_student", "max_steps": 40, "eval_interval": 20})
+        >>> results = []
+        >>> run.train(lambda metrics, checkpoint_dir: results.append(metrics))
+        >>> [r["step"] for r in results]
+        [20, 40]
+    """
+
+    def __init__(self, config: Mapping[str, Any] | TrialConfig) -> None:
+        self.config = config if isinstance(config, TrialConfig) else resolve_config(config)
+        c = self.config
+        self.task_name, self.task = make_task(c.task, c.task_config, seed=c.seed, device=c.device)
+        self.device = self.task.device
+        torch.manual_seed(c.seed)  # the global stream (dropout) of this trial
+        self.model = self.task.build_model()
+        cls = optimizer_class(c.optimizer)
+        lr, weight_decay = optimizer_defaults(cls, c.optimizer_config)
+        groups = self.task.param_groups(self.model, lr=lr, weight_decay=weight_decay)
+        optimizer = build_optimizer(cls, groups, c.optimizer_config)
+        meta = build_meta_optimizer(
+            c.meta,
+            c.meta_config,
+            total_steps=c.max_steps,
+            seed=c.seed,
+            defaults=trial_meta_defaults(c.meta, c.eval_interval),
+        )
+        check_val_loss_alignment(meta, c.eval_interval)
+        self.wrapper = OptimizerWrapper(optimizer, meta, metric_reduction=c.metric_reduction)
+        scheduler = build_schedule(self.wrapper, c.schedule, c.max_steps, **c.schedule_config)
+        self.schedulers = [self.wrapper.attach_scheduler(scheduler)] if scheduler is not None else []
+        self.reporter: MetricsReporter = reporter_for(self.wrapper, prefix=self.task_name)
+        self.reporter.constants = self.task.info()
+        self.step = 0
+        self.config_overrides: list[dict] = []
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def configured_hparams(self) -> dict[str, Any]:
+        """The optimizer hyperparameters the config sets (what PBT may perturb)."""
+        return dict(self.config.optimizer_config)
+
+    def save(self, directory: str) -> str:
+        """Write the trial's full state (model, optimizer + strategy, schedule, task stream, RNG)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return save_checkpoint(
+            directory,
+            self.model,
+            self.wrapper,
+            hparams=self.configured_hparams,
+            schedulers=self.schedulers,
+            step=self.step,
+            task=self.task.state_dict(),
+            rng=rng,
+        )
+
+    def restore(self, directory: str) -> None:
+        """Continue from a checkpoint written by :meth:`save` (configured hparams that changed win)."""
+        extra = load_checkpoint(
+            directory, self.model, self.wrapper, hparams=self.configured_hparams, schedulers=self.schedulers
+        )
+        self.step = int(extra["step"])
+        self.task.load_state_dict(extra["task"])
+        torch.set_rng_state(extra["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in extra["rng"]:
+            torch.cuda.set_rng_state(extra["rng"]["cuda"], self.device)
+        self.config_overrides = extra["config_overrides"]
+
+    # ------------------------------------------------------------------ training
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.task.evaluate(self.model)
+        finally:
+            self.model.train()
+
+    def _result(self, train_loss: float, evaluation: Mapping[str, float], diverged: bool) -> dict[str, Any]:
+        extras = {k: v for k, v in evaluation.items() if k != "val_loss"}
+        result = self.reporter.metrics(
+            step=self.step,
+            train_loss=train_loss,
+            val_loss=evaluation.get("val_loss", math.nan),
+            extras=extras,
+            diverged=diverged,
+        )
+        result["device"] = self.device.type
+        if self.config_overrides:
+            result["config_overrides"] = self.config_overrides
+            self.config_overrides = []
+        return result
+
+    def train(self, report: ReportFn) -> dict[str, Any] | None:
+        """Train from :attr:`step` to ``max_steps``; call ``report(result, checkpoint_dir)`` at evaluations.
+
+        ``checkpoint_dir`` is a directory holding the state when a checkpoint is due (valid
+        only during the call), else ``None``. Returns the last result.
+        """
+        c = self.config
+        clip = math.inf if c.grad_clip is None else float(c.grad_clip)
+        params = [p for group in self.wrapper.param_groups for p in group["params"]]
+        loss_sum = torch.zeros((), device=self.device)
+        loss_count = 0
+        evaluations = self.step // c.eval_interval
+        last: dict[str, Any] | None = None
+        self.model.train()
+        self.reporter.restart_timer(self.step)
+        while self.step < c.max_steps:
+            started = time.perf_counter()
+            out = self.task.training_step(self.model, c.batch_size)
+            self.wrapper.zero_grad(set_to_none=True)
+            out.loss.backward()
+            loss = out.loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(float(loss)) else "gradient norm"
+                last = self._result(float(loss), {}, diverged=True)
+                last["diverged_reason"] = (
+                    f"non-finite {what} at step {self.step}; no optimizer step was taken"
+                )
+                report(last, None)
+                return last
+            self.wrapper.step()
+            for scheduler in self.schedulers:
+                scheduler.step()
+            self.step += 1
+            loss_sum += loss
+            loss_count += 1
+            metrics: dict[str, Any] = {
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "step_time": time.perf_counter() - started,
+                **out.metrics,
+            }
+            is_eval = self.step % c.eval_interval == 0 or self.step == c.max_steps
+            if not is_eval:
+                self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
+                continue
+            evaluation = self._evaluate()
+            train_loss = float(loss_sum / loss_count)
+            loss_sum.zero_()
+            loss_count = 0
+            if not math.isfinite(evaluation["val_loss"]):
+                last = self._result(train_loss, evaluation, diverged=True)
+                last["diverged_reason"] = f"non-finite val_loss after step {self.step}"
+                report(last, None)
+                return last
+            metrics["val_loss"] = evaluation["val_loss"]
+            self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
+            evaluations += 1
+            last = self._result(train_loss, evaluation, diverged=False)
+            checkpoint_due = self.step == c.max_steps or (
+                c.checkpoint_interval and evaluations % c.checkpoint_interval == 0
+            )
+            if checkpoint_due:
+                with tempfile.TemporaryDirectory(prefix="metaopt_ckpt_") as directory:
+                    self.save(directory)
+                    report(last, directory)
+            else:
+                report(last, None)
+        finish = getattr(self.wrapper.meta_optimizer, "finish", None)
+        if callable(finish):  # RL: end the episode and let the last rollouts reach a shared policy
+            finish()
+        return last
+
+
+def _report_to_tune(result: dict, checkpoint_dir: str | None) -> None:
+    from ray import tune
+
+    checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+    tune.report(result, checkpoint=checkpoint)
+
+
+def metaopt_trainable(config: dict) -> None:
+    """Ray Tune function trainable: train a task with a torch optimizer under a meta-optimizer.
+
+    Use it as ``tune.run(metaopt_trainable, config=..., num_samples=...)`` or
+    ``tune.Tuner(metaopt_trainable, param_space=...)``.
+
+    Config keys (all but ``task`` optional; see
+    :class:`~ray_metaopt.tune.builders.TrialConfig`): ``task`` (``teacher_student``, ``moe``,
+    ``digits``, ``sequence`` or a registered/own task), ``task_config``, ``optimizer``
+    (``adamw``, ``adam``, ``sgd``, ``rmsprop``, ... from ``torch.optim``), ``optimizer_config``
+    (``lr``, ``weight_decay``, ...; default ``{"lr": 1e-3}``), ``meta`` (``none``, ``plateau``
+    (default), ``advanced_plateau``, ``expert_gate``, ``smart_expert_gate``, ``rl``),
+    ``meta_config`` (constructor arguments over the trainable's defaults: ``update_frequency`` =
+    ``eval_interval``, so decisions happen at evaluations, and ``monitor="val_loss"`` for the
+    plateau strategies; for ``rl`` ``total_steps`` and ``seed`` are set from the trial unless
+    given), ``max_steps`` (400), ``eval_interval`` (20), ``batch_size`` (64),
+    ``seed`` (0), ``grad_clip`` (1.0), ``checkpoint_interval`` (1 evaluation), ``schedule``
+    (``constant``/``cosine``/``linear``) with ``schedule_config``, ``metric_reduction``
+    (``mean``: strategies see the mean training loss since their last decision), ``device``
+    (``auto``). Keys starting with ``_`` are left to the user (e.g. for ``tune.with_resources``).
+    An unknown name or key, or an invalid ``*_config``, fails the trial at its start with a
+    message listing the valid choices.
+
+    Reported at every evaluation (``tune.report``): ``step``, ``train_loss`` (mean since the
+    last report), ``val_loss``, ``best_val_loss``, ``lr`` (group 0), ``lr/<group>`` and
+    ``weight_decay/<group>`` per param group, ``meta/num_decisions``, ``meta/num_skipped``,
+    ``meta/decisions`` (decision dicts since the last report), ``meta/strategy``, ``diverged``,
+    ``lr_at_floor`` (every group's lr at the strategy's ``min_lr``), ``steps_per_second``,
+    ``device``, and task extras as ``<task>/<name>`` (``moe/routing_entropy``,
+    ``teacher_student/noise_floor``, ``digits/val_accuracy``...). A trial whose loss, gradient
+    norm or validation loss becomes non-finite reports ``diverged=True`` (with
+    ``diverged_reason``) and ends without checkpointing that state; no optimizer step is ever
+    taken on a non-finite loss or gradient.
+
+    Checkpoints (model, optimizer with the strategy's state, lr schedule, the task's batch
+    stream and the RNG) go with the report every ``checkpoint_interval`` evaluations and at the
+    end; a trial resumes from ``tune.get_checkpoint()``, so ``Tuner.restore`` of an interrupted
+    experiment completes it, and the resumed trial reproduces the uninterrupted one exactly.
+
+    PBT: after an exploit the trial restores the donor's checkpoint under its own, perturbed
+    config. The perturbed config wins for what PBT mutates in ``optimizer_config``: every
+    group's ``lr``/``weight_decay`` is scaled so the reference group (the first group built with
+    exactly the configured value: group 0 for the built-in tasks unless a task scales it, as
+    ``moe``'s ``gate_lr_scale`` does) gets the configured value, keeping the ratios between
+    groups and scaling the schedule
+    anchors (so with ``schedule="cosine"`` the configured lr is the schedule's peak); other
+    optimizer hyperparameters are set as configured. The strategy keeps its learning state
+    (``meta_config`` changes apply, since the strategy is rebuilt from the config; the strategy
+    type changing starts it fresh). The first result after such a restore lists the changes in
+    ``config_overrides``. Run PBT with ``reuse_actors=True`` (``tune.run(...,
+    reuse_actors=True)`` / ``TuneConfig(reuse_actors=True)``): exploits then restore in the
+    running worker instead of starting a new one, many times faster for short trials.
+
+    Example:
+        >>> space = {"task": "digits", "meta": tune.grid_search(["none", "plateau"]),
+        ...          "optimizer_config": {"lr": tune.loguniform(1e-4, 1e-2)}}
+        >>> tune.run(metaopt_trainable, config=space, num_samples=4, metric="val_loss", mode="min")
+    """
+    run = TrainingRun(config)
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            run.restore(directory)
+    run.train(_report_to_tune)
+
+
+def trainable_with_resources(resources: Any) -> Callable[[dict], None]:
+    """:func:`metaopt_trainable` with Tune resources per trial, as its own function object.
+
+    ``tune.with_resources(fn, ...)`` stores the resources *on* ``fn``, so calling it on the
+    shared :func:`metaopt_trainable` changes every later run in the process (and a later
+    ``tune.run(metaopt_trainable, resources_per_trial=...)`` then fails). This wraps a fresh
+    function instead.
+
+    Args:
+        resources: what ``tune.with_resources`` takes: ``{"cpu": 1, "gpu": 0.5}``, a
+            ``PlacementGroupFactory``, or a callable of the config.
+
+    Example:
+        >>> tune.Tuner(trainable_with_resources({"cpu": 1, "gpu": 0.25}), param_space=space).fit()
+    """
+    from ray import tune
+
+    def metaopt_trainable_(config: dict) -> None:
+        metaopt_trainable(config)
+
+    metaopt_trainable_.__doc__ = metaopt_trainable.__doc__
+    return tune.with_resources(metaopt_trainable_, resources)
+
+
+__all__ = ["TrainingRun", "metaopt_trainable", "trainable_with_resources"]
