@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from ._validation import check_int
 from .history import Decision, SkippedDecision
-from .metrics import check_metrics
 from .wrapper import OptimizerWrapper, _value
 
 # Hyperparameters whose per-group values are broadcast at every decision step (others are
@@ -154,18 +153,10 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
         """
         if not self.is_distributed:
             return super().update_hyperparameters(metrics, step)
-        check_metrics(metrics)
-        if step is None:
-            step = self._step_count
-        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise TypeError(f"step must be a non-negative int or None, got step={step!r}")
-        self._step_count = step + 1
-        self._metrics.add(metrics)
-        # Every rank holds the decision rank's schedule, so they all reach this point together.
-        if not self.meta_optimizer.should_update(step):
+        # Every rank holds the decision rank's schedule, so they all reach a decision together.
+        step, local = self._collect(metrics, step)
+        if local is None:
             return []
-        local = self._metrics.reduce()
-        self._metrics.clear()
 
         gathered: list[Any] = [None] * dist.get_world_size(self.process_group)
         dist.all_gather_object(gathered, (step, local), group=self.process_group)

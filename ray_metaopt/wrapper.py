@@ -198,6 +198,20 @@ class OptimizerWrapper(torch.optim.Optimizer):
         Returns:
             The decisions applied now (empty on most steps).
         """
+        step, values = self._collect(metrics, step)
+        if values is None:
+            return []
+        bad = first_non_finite(values)
+        if bad is not None:
+            self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]}"))
+            return []
+        groups = self.group_states()
+        updates = self.meta_optimizer.update_hparams(values, step, groups)
+        return self.apply_updates(updates, step, groups)
+
+    def _collect(self, metrics: Mapping[str, Any], step: int | None) -> tuple[int, dict[str, float] | None]:
+        """Check and accumulate one step's metrics; at a decision step, also read them (the only
+        host sync). Returns the step and the reduced metrics, or ``None`` between decisions."""
         check_metrics(metrics)
         if step is None:
             step = self._step_count
@@ -206,16 +220,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
         self._step_count = step + 1
         self._metrics.add(metrics)
         if not self.meta_optimizer.should_update(step):
-            return []
+            return step, None
         values = self._metrics.reduce()
         self._metrics.clear()
-        bad = first_non_finite(values)
-        if bad is not None:
-            self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]}"))
-            return []
-        groups = self.group_states()
-        updates = self.meta_optimizer.update_hparams(values, step, groups)
-        return self.apply_updates(updates, step, groups)
+        return step, values
 
     def apply_updates(
         self, updates: list[HParamUpdate], step: int, groups: list[GroupState] | None = None
@@ -257,11 +265,15 @@ class OptimizerWrapper(torch.optim.Optimizer):
             else:
                 group[update.hparam] = new
             if update.hparam == "lr" and old > 0:
-                self._rescale_schedule_anchors(update.group, lambda anchor: anchor * (new / old))
+                self._rescale_schedule(update.group, new / old)
             decision = Decision(step, update.group, state.name, update.hparam, old, new, update.reason)
             self.log.add(decision)
             applied.append(decision)
         return applied
+
+    def _rescale_schedule(self, index: int, factor: float) -> None:
+        """Keep attached schedules in step with a meta-optimizer lr change by ``factor``."""
+        self._rescale_schedule_anchors(index, lambda anchor: anchor * factor)
 
     def _rescale_schedule_anchors(self, index: int, rescale: Callable[[float], float], schedulers=()) -> None:
         group = self.param_groups[index]
