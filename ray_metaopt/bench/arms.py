@@ -1,0 +1,401 @@
+"""What the benchmark runs: the suite sizes and the arms table.
+
+An *arm* is one way of handling the learning rate (a baseline, a heuristic meta-optimizer, PBT,
+the RL policy or one of its controls), written as the provided trainable's config. Every arm
+runs on the same tasks with the same evaluation seeds (paired), and with one of three lr plans:
+
+- ``"tune"``: every lr of the grid; reported at the grid's best lr, costing the whole grid;
+- ``"sweep"``: every lr of the grid too, reported at the default lr, the others measure
+  robustness to the initial lr;
+- ``"default"``: the default lr (the grid's centre) only.
+
+Example:
+    >>> size = SUITE_SIZES["quick"]
+    >>> [a.name for a in arms_for("moe", size)][:3]
+    ['fixed', 'cosine', 'reduce_on_plateau']
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+from .._validation import check_int
+from .stats import log_grid
+
+STRATEGIES_MODULE = "ray_metaopt.bench.strategies"
+
+# The benchmark's RL policy: lr actions only (weight decay is not what the suite measures), a
+# policy learning rate that can move in tens of episodes, the default network and keep prior.
+RL_POLICY: dict[str, Any] = {
+    "lr_actions": [0.5, 1.0, 2.0],
+    "wd_actions": None,
+    "policy_lr": 3e-3,
+    "entropy_weight": 0.01,
+    "hidden_size": 32,
+    "initial_keep_prob": 0.8,
+    "batch_size": 16,
+    "gamma": 0.9,
+    "return_horizon": 20,
+}
+
+
+@dataclass(frozen=True)
+class SuiteSize:
+    """One size of the suite (``quick`` for 2 CPUs, ``full`` for a GPU machine, or a test's).
+
+    Args:
+        name: the size's name.
+        tasks: task names, in report order.
+        task_configs: each task's ``task_config``.
+        max_steps: each task's step budget.
+        eval_interval: steps between evaluations (and reports).
+        batch_size: training batch size.
+        seeds: evaluation seeds, the same for every arm (paired).
+        lr_grid: initial lrs of the ``tune``/``sweep`` arms (log-spaced over three decades).
+        default_lr_index: index in ``lr_grid`` of the lr of the ``default`` arms.
+        sweep_tasks: tasks whose adaptive arms run over the whole grid (others: default lr).
+        pbt_tasks: tasks PBT runs on; ``pbt_populations``: population sizes.
+        pbt_perturbation_evals: PBT's perturbation interval, in evaluations.
+        pbt_seeds: seeds of the PBT experiments (``None``: ``seeds``), one experiment each.
+        rl_tasks: tasks the RL policy is trained and evaluated on.
+        rl_train_seeds: seeds of the training episodes; each runs at every lr of the grid.
+        rl_update_every: steps between RL decisions.
+        moe_tasks: tasks that get the MoE arms (router treatments, expert/gate strategies).
+        plateau_patience: patience in evaluations of torch's ReduceLROnPlateau and of the
+            plateau strategies (``None``: 10% of the evaluations, torch's 10 epochs of a
+            100-epoch run).
+        gpus_per_trial: GPUs each trial takes when the cluster has some (0 in quick mode).
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    task_configs: Mapping[str, Mapping[str, Any]]
+    max_steps: Mapping[str, int]
+    eval_interval: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    lr_grid: tuple[float, ...]
+    default_lr_index: int
+    sweep_tasks: tuple[str, ...]
+    pbt_tasks: tuple[str, ...]
+    pbt_populations: tuple[int, ...]
+    pbt_perturbation_evals: int
+    rl_tasks: tuple[str, ...]
+    rl_train_seeds: tuple[int, ...]
+    rl_update_every: int
+    moe_tasks: tuple[str, ...] = ("moe",)
+    pbt_seeds: tuple[int, ...] | None = None
+    plateau_patience: int | None = None
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("eval_interval", self.eval_interval, minimum=1)
+        check_int("rl_update_every", self.rl_update_every, minimum=1)
+        if not self.seeds:
+            raise ValueError(f"seeds must not be empty, got seeds={self.seeds!r}")
+        if not 0 <= self.default_lr_index < len(self.lr_grid):
+            raise ValueError(
+                f"default_lr_index must index lr_grid={list(self.lr_grid)}, got default_lr_index={self.default_lr_index}"
+            )
+        for task in self.tasks:
+            if task not in self.max_steps:
+                raise ValueError(f"max_steps has no entry for task {task!r}, got max_steps={dict(self.max_steps)}")
+        for seed in self.rl_train_seeds:
+            if seed in self.seeds:
+                raise ValueError(f"rl_train_seeds must be fresh seeds, not evaluation seeds; {seed} is in both")
+
+    @property
+    def default_lr(self) -> float:
+        return self.lr_grid[self.default_lr_index]
+
+    def evaluations(self, task: str) -> int:
+        return -(-self.max_steps[task] // self.eval_interval)
+
+    def patience(self, task: str) -> int:
+        if self.plateau_patience is not None:
+            return self.plateau_patience
+        return max(1, round(0.1 * self.evaluations(task)))
+
+    def with_(self, **changes: Any) -> SuiteSize:
+        return replace(self, **changes)
+
+
+GRID = tuple(log_grid(1e-4, 1e-1, 5))
+
+SUITE_SIZES: dict[str, SuiteSize] = {
+    # 2 CPUs, under 10 minutes: the whole protocol on teacher_student; on moe the tuned
+    # baselines, the heuristics over the lr grid and the MoE arms (PBT and RL: full size only).
+    "quick": SuiteSize(
+        name="quick",
+        tasks=("teacher_student", "moe"),
+        task_configs={"teacher_student": {}, "moe": {}},
+        max_steps={"teacher_student": 400, "moe": 250},
+        eval_interval=20,
+        batch_size=64,
+        seeds=(0, 1, 2, 3, 4),
+        lr_grid=GRID,
+        default_lr_index=2,
+        sweep_tasks=("teacher_student", "moe"),
+        pbt_tasks=("teacher_student",),
+        pbt_populations=(4, 8),
+        pbt_perturbation_evals=4,
+        rl_tasks=("teacher_student",),
+        rl_train_seeds=(100, 101, 102, 103, 104, 105),
+        rl_update_every=10,
+    ),
+    # A GPU machine (or a CPU cluster): every arm on every task, bigger models, 10 seeds.
+    "full": SuiteSize(
+        name="full",
+        tasks=("teacher_student", "moe", "sequence", "digits"),
+        task_configs={"teacher_student": {"scale": 4}, "moe": {"scale": 4}, "sequence": {"scale": 2}, "digits": {}},
+        max_steps={"teacher_student": 3000, "moe": 3000, "sequence": 3000, "digits": 2000},
+        eval_interval=50,
+        batch_size=128,
+        seeds=tuple(range(10)),
+        lr_grid=GRID,
+        default_lr_index=2,
+        sweep_tasks=("teacher_student", "moe", "sequence", "digits"),
+        pbt_tasks=("teacher_student", "moe", "sequence", "digits"),
+        pbt_populations=(4, 8),
+        pbt_perturbation_evals=6,
+        rl_tasks=("teacher_student", "moe", "sequence", "digits"),
+        rl_train_seeds=tuple(range(100, 116)),
+        rl_update_every=25,
+        gpus_per_trial=0.25,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ArmContext:
+    """What an arm's config depends on besides the arm: task, size, lr, seed, RL artefacts."""
+
+    task: str
+    size: SuiteSize
+    lr: float
+    seed: int
+    policy_path: str | None = None
+    replay_schedule: list | None = None
+
+
+ConfigFn = Callable[[ArmContext], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the arms table.
+
+    Args:
+        name: identifier used in tables, plots and the ``_bench`` tag of trial configs.
+        family: ``baseline``, ``heuristic``, ``pbt``, ``rl``, ``rl_control``, ``moe`` or ``optional``.
+        description: what the arm is, for the report.
+        lr_plan: ``tune``, ``sweep`` or ``default`` (see module doc); ``pbt`` for PBT arms.
+        phase: ``main``, ``rl_eval``, ``rl_replay`` or ``pbt``: when it can run (the RL arms
+            need the trained policy, the replay needs the RL arm's trajectories).
+        config: the trainable config's arm-specific part for an :class:`ArmContext`.
+        population: PBT population size.
+    """
+
+    name: str
+    family: str
+    description: str
+    lr_plan: str
+    phase: str
+    config: ConfigFn = field(compare=False)
+    population: int = 0
+
+
+def _strategy(name: str) -> str:
+    return f"{STRATEGIES_MODULE}:{name}"
+
+
+def _plateau_config(ctx: ArmContext) -> dict[str, Any]:
+    return {"patience": ctx.size.patience(ctx.task), "lr_factor": 0.5, "threshold": 1e-3}
+
+
+def _rl_config(ctx: ArmContext, **extra: Any) -> dict[str, Any]:
+    return {**RL_POLICY, "update_frequency": ctx.size.rl_update_every, **extra}
+
+
+def moe_task_accepts(key: str) -> bool:
+    """Whether the built-in MoE task takes ``task_config[key]`` (e.g. ``z_loss_weight``)."""
+    from ..tune.tasks import MoETask
+
+    return key in inspect.signature(MoETask).parameters
+
+
+def optional_lr_free_optimizer() -> tuple[str | None, str]:
+    """``(optimizer path, note)`` of the learning-rate-free arm; path ``None`` when unavailable."""
+    if importlib.util.find_spec("prodigyopt") is not None:
+        return "prodigyopt:Prodigy", "Prodigy (prodigyopt), lr=1.0 as its authors recommend"
+    return None, (
+        "skipped: neither `prodigyopt` (Prodigy) nor `schedulefree` is importable here, and the suite does not add a "
+        "dependency. Schedule-free AdamW would also need `optimizer.eval()` around evaluation, which the provided "
+        "trainable does not call; Prodigy drops in as a plain torch optimizer (`pip install prodigyopt`)."
+    )
+
+
+GENERIC_ARMS: tuple[Arm, ...] = (
+    Arm("fixed", "baseline", "AdamW at a constant lr; tuned over the lr grid", "tune", "main",
+        lambda ctx: {"meta": "none", "schedule": "constant"}),
+    Arm("cosine", "baseline", "AdamW with a cosine decay to 0 over the run; tuned over the lr grid", "tune", "main",
+        lambda ctx: {"meta": "none", "schedule": "cosine"}),
+    Arm("reduce_on_plateau", "baseline",
+        "torch ReduceLROnPlateau on val_loss once per evaluation (torch defaults: factor 0.1, threshold 1e-4 rel; "
+        "patience in evaluations scaled to the run)", "sweep", "main",
+        lambda ctx: {"meta": _strategy("TorchReduceLROnPlateau"), "meta_config": {"patience": ctx.size.patience(ctx.task)}}),
+    Arm("plateau", "heuristic", "PlateauMetaOptimizer on val_loss (lr x0.5 after `patience` flat evaluations)",
+        "sweep", "main", lambda ctx: {"meta": "plateau", "meta_config": _plateau_config(ctx)}),
+    Arm("advanced_plateau", "heuristic",
+        "AdvancedPlateauMetaOptimizer (plateau + trend + warmup + grad-norm weight decay), the CLI's settings",
+        "sweep", "main",
+        lambda ctx: {
+            "meta": "advanced_plateau",
+            "meta_config": {
+                **_plateau_config(ctx),
+                "trend_window": 4,
+                "criteria": "any",
+                "monitor": "loss",
+                "warmup_steps": ctx.size.eval_interval,
+            },
+        }),
+    Arm("rl", "rl", "RL policy trained with the shared policy actor, evaluated frozen (sampling) on fresh seeds",
+        "sweep", "rl_eval",
+        lambda ctx: {"meta": "rl", "meta_config": _rl_config(ctx, policy_path=ctx.policy_path, frozen=True)}),
+    Arm("rl_untrained", "rl_control", "control: the same RL meta-optimizer with an untrained (initial) policy, frozen",
+        "default", "main", lambda ctx: {"meta": "rl", "meta_config": _rl_config(ctx, frozen=True)}),
+    Arm("rl_state_blind", "rl_control", "control: the trained policy acting on an all-zero state (same network)",
+        "default", "rl_eval",
+        lambda ctx: {
+            "meta": _strategy("StateBlindRLMetaOptimizer"),
+            "meta_config": _rl_config(ctx, policy_path=ctx.policy_path, frozen=True),
+        }),
+    Arm("rl_replay", "rl_control", "control: replay of the trained policy's average lr trajectory (geometric mean over seeds)",
+        "default", "rl_replay",
+        lambda ctx: {
+            "meta": _strategy("LRReplay"),
+            "meta_config": {"schedule": ctx.replay_schedule or [], "update_frequency": ctx.size.rl_update_every},
+        }),
+)
+
+def pbt_arm(population: int) -> Arm:
+    """Ray Tune PBT with ``population`` members, each trained at the same seed from a sampled lr."""
+    population = check_int("population", population, minimum=2)
+    return Arm(
+        f"pbt{population}",
+        "pbt",
+        f"Ray Tune PBT, population {population}: lr sampled log-uniformly over the grid's range and mutated "
+        "(Ray's defaults otherwise); the best member's final loss, costing the whole population",
+        "pbt",
+        "pbt",
+        lambda ctx: {"meta": "none"},
+        population=population,
+    )
+
+
+MOE_ARMS: tuple[Arm, ...] = (
+    Arm("moe_no_aux_loss", "moe", "router treatment off: constant lr without the load-balancing loss", "default", "main",
+        lambda ctx: {"meta": "none", "task_config": {"balance_weight": 0.0}}),
+    Arm("moe_z_loss", "moe", "router treatment: load-balancing loss plus router z-loss (weight 1e-3)", "default", "main",
+        lambda ctx: {"meta": "none", "task_config": {"z_loss_weight": 1e-3}}),
+    Arm("expert_gate", "moe", "ExpertGateMetaOptimizer (separate gate/expert lrs), with the load-balancing loss",
+        "default", "main", lambda ctx: {"meta": "expert_gate"}),
+    Arm("smart_expert_gate", "moe",
+        "SmartExpertGateMetaOptimizer (entropy/sparsity/specialization), with the load-balancing loss, the CLI's settings",
+        "default", "main",
+        lambda ctx: {
+            "meta": "smart_expert_gate",
+            "meta_config": {
+                "gate_lr_factor": 0.1,
+                "expert_lr_factor": 1.0,
+                "entropy_threshold": 0.8,
+                "sparsity_target": 0.7,
+                "specialization_bonus": 1.2,
+            },
+        }),
+)
+
+OPTIONAL_ARM = Arm("lr_free", "optional", "learning-rate-free optimizer (Prodigy) at its recommended lr=1.0",
+                   "default", "main", lambda ctx: {"meta": "none"})
+
+ALL_ARMS: tuple[Arm, ...] = GENERIC_ARMS + (pbt_arm(4), pbt_arm(8)) + MOE_ARMS + (OPTIONAL_ARM,)
+ARMS_BY_NAME = {a.name: a for a in ALL_ARMS}
+
+
+def arms_for(task: str, size: SuiteSize) -> list[Arm]:
+    """The arms that run on ``task`` at this size, in report order."""
+    arms = []
+    for arm in GENERIC_ARMS:
+        if arm.family in ("rl", "rl_control") and task not in size.rl_tasks:
+            continue
+        arms.append(arm)
+        if arm.name == "advanced_plateau" and task in size.pbt_tasks:
+            arms.extend(pbt_arm(p) for p in size.pbt_populations)
+    if task in size.moe_tasks:
+        arms.extend(a for a in MOE_ARMS if a.name != "moe_z_loss" or moe_task_accepts("z_loss_weight"))
+    if optional_lr_free_optimizer()[0] is not None:
+        arms.append(OPTIONAL_ARM)
+    return arms
+
+
+def skipped_arms(task: str, size: SuiteSize) -> list[tuple[str, str]]:
+    """``(arm, why)`` for the arms of the table that do not run on ``task`` at this size."""
+    running = {a.name for a in arms_for(task, size)}
+    out = []
+    for arm in ALL_ARMS:
+        if arm.name in running:
+            continue
+        if arm.family == "moe" and task not in size.moe_tasks:
+            continue  # MoE arms only make sense on MoE tasks: not a gap
+        if arm.family == "pbt" and task in size.pbt_tasks:
+            continue  # this size runs other populations; they are listed in the setup
+        if arm.family == "pbt":
+            why = f"PBT runs only on {list(size.pbt_tasks)} at the {size.name} size"
+        elif arm.family in ("rl", "rl_control"):
+            why = f"the RL protocol runs only on {list(size.rl_tasks)} at the {size.name} size"
+        elif arm.name == "moe_z_loss":
+            why = "the MoE task has no z_loss_weight option in this version"
+        elif arm.family == "optional":
+            why = optional_lr_free_optimizer()[1]
+        else:
+            why = "not applicable"
+        out.append((arm.name, why))
+    return out
+
+
+def lrs_for(arm: Arm, task: str, size: SuiteSize) -> list[float]:
+    """The initial lrs ``arm`` runs at on ``task``."""
+    if arm.lr_plan == "tune" or (arm.lr_plan == "sweep" and task in size.sweep_tasks):
+        return list(size.lr_grid)
+    if arm.family == "optional":
+        return [1.0]
+    return [size.default_lr]
+
+
+def trial_config(arm: Arm, ctx: ArmContext, *, phase: str | None = None) -> dict[str, Any]:
+    """The provided trainable's full config of one trial of ``arm`` (with its ``_bench`` tag)."""
+    size = ctx.size
+    specific = arm.config(ctx)
+    task_config = {**size.task_configs.get(ctx.task, {}), **specific.pop("task_config", {})}
+    config: dict[str, Any] = {
+        "task": ctx.task,
+        "task_config": task_config,
+        "optimizer": "adamw",
+        "optimizer_config": {"lr": ctx.lr, "weight_decay": 1e-4},
+        "max_steps": size.max_steps[ctx.task],
+        "eval_interval": size.eval_interval,
+        "batch_size": size.batch_size,
+        "seed": ctx.seed,
+        "checkpoint_interval": 0,
+        "meta_config": {},
+        **specific,
+    }
+    if arm.family == "optional":
+        path, _ = optional_lr_free_optimizer()
+        config["optimizer"] = path
+        config["optimizer_config"] = {"lr": 1.0, "weight_decay": 1e-4}
+    config["_bench"] = {"arm": arm.name, "task": ctx.task, "lr": ctx.lr, "seed": ctx.seed, "phase": phase or arm.phase}
+    return config

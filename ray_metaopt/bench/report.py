@@ -1,0 +1,484 @@
+"""Writes ``RESULTS.md``: the setup, the machine, one table per metric, and plain findings.
+
+Every number comes from :mod:`~ray_metaopt.bench.analysis`; the findings are generated from
+those numbers (what wins and what loses, stated the same way), so a rerun rewrites them.
+
+Example:
+    >>> text = render_report(results, size, machine=machine_info(), command="ray-metaopt bench --quick", ...)
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+from typing import Any, Mapping, Sequence
+
+from .analysis import REFERENCE_ARM, ArmResult, TaskResult
+from .arms import RL_POLICY, SuiteSize, arms_for, skipped_arms
+from .stats import paired_comparison
+
+
+# ----------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and cores, memory, load, GPU, and the versions of Python, torch and Ray."""
+    import ray
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        info["load_average"] = None
+    return info
+
+
+# ----------------------------------------------------------------------------- formatting
+def _display_path(path: str) -> str:
+    """``path`` relative to the working directory when it is below it (as a user would type it)."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+
+def _num(x: float | None, spec: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if math.isinf(x):
+        return "diverged" if x > 0 else "-inf"
+    return format(x, spec)
+
+
+def _steps(x: float) -> str:
+    if math.isnan(x):
+        return "–"
+    if math.isinf(x):
+        return "not reached"
+    return f"{x:.0f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _comparison(c: Any) -> str:
+    if c is None:
+        return "–"
+    return f"×{_num(c.median_ratio, '.3f')}, {c.wins}/{c.n} lower (p={c.p_value:.2g})"
+
+
+def _lr(arm: ArmResult) -> str:
+    if arm.arm.family == "pbt":
+        return "sampled"
+    if arm.headline_lr is None:
+        return "–"
+    suffix = " (tuned)" if arm.arm.lr_plan == "tune" else ""
+    return f"{arm.headline_lr:.3g}{suffix}"
+
+
+def _cost(arm: ArmResult) -> str:
+    text = f"{arm.cost_trials} × {_steps(arm.cost_steps / max(1, arm.cost_trials))} = {_steps(arm.cost_steps)}"
+    if arm.one_time_steps:
+        text += f" + {arm.one_time_steps} one-time (policy training)"
+    return text
+
+
+def headline_table(result: TaskResult) -> str:
+    rows = []
+    for arm in sorted(result.arms.values(), key=lambda a: (a.summary.median if a.summary else math.inf)):
+        s = arm.summary
+        final = "–" if s is None else f"{_num(s.median)} [{_num(s.q25)}, {_num(s.q75)}] (n={s.n})"
+        rows.append(
+            [
+                f"`{arm.arm.name}`",
+                _lr(arm),
+                final,
+                "reference" if arm.arm.name == REFERENCE_ARM else _comparison(arm.vs_cosine),
+                _comparison(arm.vs_fixed_same_lr),
+                f"{_steps(arm.median_steps_to_target)} ({arm.target_reached}/{len(arm.steps_to_target)})",
+                _cost(arm),
+                f"{arm.num_diverged}/{arm.num_trials}" + (f" ({arm.num_errors} errors)" if arm.num_errors else ""),
+            ]
+        )
+    return _table(
+        [
+            "arm",
+            "initial lr",
+            "final val loss: median [IQR]",
+            "vs tuned cosine (paired by seed): median ratio, seeds lower",
+            "vs constant lr at the same initial lr",
+            "steps to target: median (seeds reaching it)",
+            "tuning cost: trials × steps",
+            "diverged trials",
+        ],
+        rows,
+    )
+
+
+def robustness_table(result: TaskResult) -> str | None:
+    arms = [a for a in result.arms.values() if a.robustness is not None]
+    if not arms:
+        return None
+    lrs = sorted({lr for a in arms for lr in a.robustness.medians})
+    rows = []
+    for arm in sorted(arms, key=lambda a: a.robustness.worst):
+        r = arm.robustness
+        rows.append(
+            [f"`{arm.arm.name}`"]
+            + [_num(r.medians.get(lr)) for lr in lrs]
+            + [_num(r.worst), _num(r.worst_over_best, ".2f"), _num(r.geo_mean), f"{arm.num_diverged}/{arm.num_trials}"]
+        )
+    return _table(
+        ["arm"] + [f"lr {lr:.3g}" for lr in lrs]
+        + ["worst median", "worst / task's best", "geometric mean over lrs", "diverged"],
+        rows,
+    )
+
+
+def _describe(arm: ArmResult, reference: str) -> str:
+    c = arm.vs_cosine
+    if c is None or arm.summary is None:
+        return ""
+    direction = "lower" if c.median_ratio < 1 else "higher" if c.median_ratio > 1 else "equal"
+    return (
+        f"`{arm.arm.name}` ends {direction} than {reference} (median ratio ×{_num(c.median_ratio, '.3f')}, "
+        f"lower on {c.wins} of {c.n} seeds, sign test p={c.p_value:.2g})"
+    )
+
+
+def findings(result: TaskResult) -> list[str]:
+    """Plain statements generated from the numbers: the winners and the losers alike."""
+    out = []
+    arms = {n: a for n, a in result.arms.items() if a.summary is not None}
+    if not arms:
+        return ["no arm finished"]
+    ranked = sorted(arms.values(), key=lambda a: a.summary.median)
+    out.append(
+        f"Lowest median final validation loss: `{ranked[0].arm.name}` ({_num(ranked[0].summary.median)}); "
+        f"highest: `{ranked[-1].arm.name}` ({_num(ranked[-1].summary.median)})."
+    )
+    ref = arms.get(REFERENCE_ARM)
+    if ref is not None:
+        better = [a for a in arms.values() if a.vs_cosine and a.vs_cosine.wins > a.vs_cosine.losses and a.vs_cosine.median_ratio < 1]
+        worse = [a for a in arms.values() if a.vs_cosine and a.vs_cosine.losses > a.vs_cosine.wins and a.vs_cosine.median_ratio > 1]
+        out.append(
+            "Better than the tuned cosine schedule on most seeds: "
+            + (", ".join(f"`{a.arm.name}`" for a in better) if better else "no arm")
+            + ". Worse on most seeds: "
+            + (", ".join(f"`{a.arm.name}`" for a in worse) if worse else "no arm")
+            + f". With {ref.summary.n} seeds the smallest possible two-sided sign-test p is "
+            f"{2 * 0.5 ** ref.summary.n:.2g}, so only a clean sweep is strong evidence."
+        )
+    cheap = [a for a in arms.values() if a.cost_trials == 1 and not a.one_time_steps and a.arm.family != "baseline"]
+    if ref is not None and cheap:
+        best_cheap = min(cheap, key=lambda a: a.summary.median)
+        out.append(
+            f"Among single-run arms (no tuning, no policy training), `{best_cheap.arm.name}` is best: "
+            + _describe(best_cheap, "the tuned cosine")
+            + f", at {ref.cost_trials}x less tuning cost."
+        )
+    diverging = [a for a in result.arms.values() if a.num_diverged]
+    if diverging:
+        out.append(
+            "Divergence: "
+            + ", ".join(f"`{a.arm.name}` {a.num_diverged}/{a.num_trials} trials" for a in diverging)
+            + " (a non-finite loss stops the trial; its final loss counts as infinite)."
+        )
+    else:
+        out.append("No trial diverged.")
+    rob = [a for a in result.arms.values() if a.robustness is not None]
+    if rob:
+        most = min(rob, key=lambda a: (a.robustness.geo_mean, a.robustness.worst))
+        least = max(rob, key=lambda a: (a.robustness.geo_mean, a.robustness.worst))
+        out.append(
+            f"Across the initial lrs ({len(most.robustness.medians)} lrs over "
+            f"{math.log10(max(most.robustness.medians) / min(most.robustness.medians)):.0f} decades), "
+            f"`{most.arm.name}` is the most robust (geometric mean of its medians {_num(most.robustness.geo_mean)}, "
+            f"worst {_num(most.robustness.worst)} = ×{_num(most.robustness.worst_over_best, '.2f')} the task's best) "
+            f"and `{least.arm.name}` the least (geometric mean {_num(least.robustness.geo_mean)}, worst "
+            f"{_num(least.robustness.worst)})."
+        )
+    return out
+
+
+def rl_section(result: TaskResult) -> list[str]:
+    rl = result.rl
+    if rl is None:
+        return []
+    lines = [f"### RL policy on `{result.task}`", ""]
+    trained = result.arms.get("rl")
+    steps = sum(e.executed for e in rl.episodes)
+    stats = rl.policy_stats
+    lines.append(
+        f"Training: {len(rl.episodes)} episodes ({steps} optimizer steps) on fresh seeds, every lr of the grid, one "
+        f"shared policy actor. Policy after training: version {stats.get('policy/version', '–')}, "
+        f"{stats.get('policy/updates', '–')} REINFORCE updates from {stats.get('rollouts/transitions', '–')} transitions, "
+        f"entropy {_num(stats.get('policy/entropy'), '.3f')}."
+    )
+    lines.append(
+        "Learning curve: an episode's return (the sum of its rewards, log(first/last) training loss plus "
+        "log(first/last) validation loss) minus that of a constant lr at the same initial lr (the `fixed` runs). "
+        f"Mean over the first round of training seeds (one episode per lr): {_num(rl.first_round_mean, '+.3f')}; "
+        f"over the last round: {_num(rl.last_round_mean, '+.3f')}. Positive: the policy's lr changes improved on "
+        "leaving the lr alone."
+    )
+    lines.append("")
+    controls = [n for n in ("rl_untrained", "rl_state_blind", "rl_replay") if n in result.arms]
+    if trained is not None and controls:
+        rows = []
+        for name in controls:
+            c = paired_comparison(trained.finals, result.arms[name].finals)
+            rows.append([f"`rl` vs `{name}`", _comparison(c)])
+        fixed = result.arms.get("fixed")
+        if fixed is not None:
+            fixed_default = fixed.finals_by_lr.get(trained.headline_lr, {}) if trained.headline_lr else {}
+            rows.append(["`rl` vs `fixed` at the same lr", _comparison(paired_comparison(trained.finals, fixed_default))])
+        lines += [_table(["comparison at the default lr", "median ratio, seeds where `rl` is lower"], rows), ""]
+    if rl.vs_fixed_by_lr:
+        rows = [[f"{lr:.3g}", _comparison(c)] for lr, c in rl.vs_fixed_by_lr.items()]
+        lines += [_table(["initial lr", "`rl` vs `fixed` at that lr"], rows), ""]
+    if rl.replay_schedule:
+        final = rl.replay_schedule[-1][1]
+        lines.append(
+            f"The trained policy's average lr trajectory at the default lr (what `rl_replay` replays) has "
+            f"{len(rl.replay_schedule)} steps and ends at ×{final:.3g} the initial lr."
+        )
+        lines.append("")
+    lines += [f"- {line}" for line in rl_verdict(result)] + [""]
+    lines.append(
+        "Reproducibility: trials send transitions to the shared actor and pick up new weights asynchronously, so "
+        "which weights acted when depends on timing, and the trained policy (every RL row) changes from run to run; "
+        "rerun the suite to see that spread. The other arms are seeded and repeat bit for bit (PBT apart: its "
+        "exploit/explore decisions depend on timing too)."
+    )
+    lines.append("")
+    return lines
+
+
+def _lower(c: Any) -> bool | None:
+    """Whether the candidate is lower on most seeds (None: no comparison or a draw)."""
+    if c is None or c.wins == c.losses:
+        return None
+    return c.wins > c.losses
+
+
+def rl_verdict(result: TaskResult) -> list[str]:
+    """What the RL comparisons say, stated from the numbers (and the design facts that explain them)."""
+    arms = result.arms
+    trained = arms.get("rl")
+    if trained is None or trained.summary is None:
+        return ["The trained policy was not evaluated (see the notes)."]
+    out = []
+    vs_cos = _lower(trained.vs_cosine)
+    c = trained.vs_cosine
+    if c is not None:
+        out.append(
+            ("The trained RL policy beats" if vs_cos else "The trained RL policy does **not** beat")
+            + f" the tuned cosine baseline (median ratio ×{_num(c.median_ratio, '.3f')}, lower on {c.wins} of {c.n} "
+            f"seeds), even before counting its {trained.one_time_steps} training steps."
+        )
+    same = []
+    for name, what in (("rl_untrained", "the untrained policy"), ("rl_state_blind", "the state-blind policy"),
+                       ("rl_replay", "the replayed average trajectory")):
+        if name in arms:
+            cmp = paired_comparison(trained.finals, arms[name].finals)
+            verdict = _lower(cmp)
+            if verdict is not True:
+                same.append(what)
+            out.append(
+                f"Against {what}: {'lower' if verdict else 'not lower'} on most seeds ({_comparison(cmp)})."
+            )
+    if same:
+        out.append(
+            "Where the trained policy is not better than " + ", ".join(same) + ", what it learned is no more than that "
+            "control: a drift of the lr (a noisy schedule) rather than a response to the training state."
+        )
+    rl = result.rl
+    if rl is not None and rl.replay_schedule and rl.replay_schedule[-1][1] < 0.25:
+        out.append(
+            f"On average the policy decays the lr to ×{rl.replay_schedule[-1][1]:.3g} of its initial value. Each "
+            "action is rewarded by the loss improvement of the next few intervals, and cutting the lr lowers the "
+            "loss at once (less gradient noise) while costing progress later: the short-horizon bias of greedy "
+            "lr control (Wu et al., 2018). A longer return horizon, a reward on the final loss only, or the "
+            "`schedule` action mode (acting around a cosine schedule) address it."
+        )
+    out.append(
+        "Design facts that bound what it can learn here: the state holds the lr only relative to its initial value "
+        "(`log_lr_ratio`), so the policy cannot tell a too-small from a too-large initial lr except through the loss "
+        "dynamics; actions change the lr by ×0.5/×2 per decision; REINFORCE learns from "
+        f"{len(result.rl.episodes) if result.rl else 0} episodes of credit-assigned log-loss improvements, a few "
+        "thousand noisy transitions at most in the quick size."
+    )
+    return out
+
+
+def render_report(
+    results: Mapping[str, TaskResult],
+    size: SuiteSize,
+    *,
+    machine: Mapping[str, Any],
+    command: str,
+    wall_seconds: float,
+    timings: Mapping[str, float],
+    notes: Sequence[str] = (),
+    plots: Sequence[str] = (),
+    plot_note: str | None = None,
+    machine_after: Mapping[str, Any] | None = None,
+    output_dir: str = ".",
+) -> str:
+    """The full ``RESULTS.md`` text."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# ray_metaopt benchmark results",
+        "",
+        (
+            f"Generated {now} by `{command}` ({size.name} size) in {wall_seconds / 60:.1f} minutes of wall time. "
+            "Regenerate the report from the saved data with `ray-metaopt bench --report-only "
+            f"{_display_path(os.path.join(output_dir, 'results.json'))}`."
+        ),
+        "",
+        "## Machine",
+        "",
+        (
+            f"- CPU: {machine.get('cpu')} ({machine.get('cores')} cores visible), memory "
+            f"{_num(machine.get('memory_gib'), '.0f')} GiB; GPU: {machine.get('gpu') or 'none'}"
+        ),
+        f"- Python {machine.get('python')}, torch {machine.get('torch')}, Ray {machine.get('ray')}; {machine.get('platform')}",
+    ]
+    load = machine.get("load_average")
+    if load:
+        after = (machine_after or {}).get("load_average")
+        lines.append(
+            f"- Load average (1/5/15 min) at the start: {', '.join(f'{x:.1f}' for x in load)}"
+            + (f"; at the end: {', '.join(f'{x:.1f}' for x in after)}" if after else "")
+            + ". A load above the core count means other processes shared the CPUs: wall times and "
+            "steps/s are pessimistic, losses are unaffected (every trial is seeded)."
+        )
+    lines.append(
+        "- Wall time per experiment: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in timings.items())
+    )
+    lines += ["", "## Setup", ""]
+    lines.append(
+        "- Tasks: " + "; ".join(
+            f"`{t}` ({size.max_steps[t]} steps, task_config {dict(size.task_configs.get(t, {}))})" for t in size.tasks
+        )
+        + f". AdamW (weight decay 1e-4), batch {size.batch_size}, evaluation every {size.eval_interval} steps, "
+        "gradient clipping at 1.0 (the provided trainable's defaults)."
+    )
+    lines.append(
+        f"- Evaluation seeds {list(size.seeds)}, the same for every arm: comparisons are paired by seed "
+        "(same initialisation and batch stream)."
+    )
+    lines.append(
+        f"- lr grid (log-spaced over three decades): {[f'{x:.3g}' for x in size.lr_grid]}; default lr "
+        f"{size.default_lr:.3g} (the grid's centre). Tuned arms report the grid lr with the best median final loss, "
+        "chosen on the same seeds it is reported on (optimistic for them), and cost the whole grid."
+    )
+    lines.append(
+        f"- Final loss = validation loss at the step budget. Target for *steps to target* = the tuned cosine "
+        "median final loss of the task; *steps* counts the reported run only (evaluations are every "
+        f"{size.eval_interval} steps), *tuning cost* counts every trial behind one final model."
+    )
+    lines.append(
+        f"- PBT (`ray.tune.schedulers.PopulationBasedTraining`): populations {list(size.pbt_populations)} on "
+        f"{list(size.pbt_tasks)}, one experiment per evaluation seed (every member trains at that seed), lr sampled "
+        f"log-uniformly over the grid's range and mutated, perturbation every {size.pbt_perturbation_evals} "
+        "evaluations (`time_attr=training_iteration`: Ray's default interval is 60 s of wall time, longer than a "
+        "quick trial), Ray's defaults otherwise (quantile 0.25, resample probability 0.25, factors 1.2/0.8). "
+        "Reported: the best member's final loss."
+    )
+    lines.append(
+        f"- RL (on {list(size.rl_tasks)}): `RLMetaOptimizer` deciding every {size.rl_update_every} steps with "
+        f"policy {RL_POLICY}; trained through one shared policy actor (`MetaOptCallback`) on "
+        f"{len(size.rl_train_seeds)} fresh seeds × every grid lr, then evaluated frozen (sampling actions) on the "
+        "evaluation seeds. Controls: untrained policy (frozen initial weights), state-blind policy (trained weights, "
+        "all-zero state), replay of the trained policy's geometric-mean lr trajectory."
+    )
+    lines.append(
+        "- Plateau rules (torch `ReduceLROnPlateau`, `plateau`, `advanced_plateau`) decide once per evaluation; "
+        "their patience is "
+        + ", ".join(f"{size.patience(t)} evaluation{'s' * (size.patience(t) != 1)} on `{t}`" for t in size.tasks)
+        + " (10% of the evaluations, as torch's 10 epochs are of a 100-epoch run)."
+    )
+    lines += ["", "### Arms", ""]
+    seen = set()
+    arm_rows = []
+    for task in size.tasks:
+        for arm in arms_for(task, size):
+            if arm.name not in seen:
+                seen.add(arm.name)
+                tasks = [t for t in size.tasks if arm.name in {a.name for a in arms_for(t, size)}]
+                arm_rows.append([f"`{arm.name}`", arm.family, arm.description, ", ".join(tasks)])
+    lines.append(_table(["arm", "family", "what", "tasks"], arm_rows))
+    if any(skipped_arms(t, size) for t in size.tasks):
+        lines += ["", "Not run:", ""]
+        for task in size.tasks:
+            for name, why in skipped_arms(task, size):
+                lines.append(f"- `{name}` on `{task}`: {why}")
+    for task, result in results.items():
+        lines += ["", f"## `{task}`", ""]
+        lines += [f"Target (tuned cosine median): {_num(result.target)}.", ""]
+        lines += ["### Final validation loss, steps to target, cost, divergence", "", headline_table(result), ""]
+        rob = robustness_table(result)
+        if rob:
+            lines += ["### Robustness to the initial lr (median final val loss per initial lr)", "", rob, ""]
+        lines += rl_section(result)
+        lines += ["### Findings", ""]
+        lines += [f"- {f}" for f in findings(result)]
+        lines.append("")
+    if notes:
+        lines += ["## Notes from the run", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Plots", ""]
+    if plot_note:
+        lines.append(plot_note)
+    for path in plots:
+        name = os.path.basename(path)
+        lines.append(f"![{name}]({name})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command line as typed: ``ray-metaopt bench ...``."""
+    import shlex
+
+    return "ray-metaopt bench" + ("" if not argv else " " + shlex.join(list(argv)))
+
+
+__all__ = ["command_line", "findings", "headline_table", "machine_info", "render_report", "robustness_table"]

@@ -1,0 +1,472 @@
+"""Runs the suite on Ray Tune, phase by phase, and records every trial's curves.
+
+Phases (each one or more Tune experiments with the provided trainable):
+
+1. ``main``: baselines, heuristics, MoE arms, the untrained-policy control and the RL training
+   episodes (fresh seeds, every lr of the grid), all tasks, one experiment: trials run
+   concurrently and actors are reused between trials. Each task's episodes learn through one
+   shared policy actor that :class:`~ray_metaopt.tune.MetaOptCallback` starts and saves.
+2. ``rl_eval``: the saved policy, frozen, on the evaluation seeds; and the state-blind control.
+3. ``rl_replay``: the RL arm's average lr trajectory replayed.
+4. ``pbt``: per task, population and evaluation seed, one PBT experiment.
+
+Example:
+    >>> records, info = run_suite(SUITE_SIZES["quick"], storage_path="/tmp/bench")  # needs ray.init()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from .arms import RL_POLICY, Arm, ArmContext, SuiteSize, arms_for, lrs_for, trial_config
+from .stats import executed_steps, mean_lr_factors
+
+logger = logging.getLogger(__name__)
+
+BENCH_KEY = "_bench"
+
+
+@dataclass
+class TrialRecord:
+    """One trial's tag (arm, task, lr, seed), outcome and curves, as plain data.
+
+    ``steps``/``val_loss``/``train_loss``/``lr`` hold one entry per report (evaluation);
+    ``lr_changes`` is group 0's lr trajectory as ``[from_step, lr / initial lr]`` from the
+    meta-optimizer's decisions; ``order`` is the position in which the trial finished.
+    """
+
+    arm: str
+    task: str
+    lr: float | None
+    seed: int
+    phase: str
+    trial_id: str
+    group: str = ""
+    status: str = "running"
+    steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr_trace: list[float] = field(default_factory=list)
+    lr_changes: list[list[float]] = field(default_factory=list)
+    executed: int = 0
+    error: str | None = None
+    order: int = -1
+    eval_interval: int = 1
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == "diverged"
+
+    @property
+    def final_val_loss(self) -> float:
+        """The last validation loss; ``inf`` for a diverged, failed or unfinished trial."""
+        if self.status != "done" or not self.val_loss or not math.isfinite(self.val_loss[-1]):
+            return math.inf
+        return float(self.val_loss[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for standard JSON (non-finite floats as ``"nan"``/``"inf"`` strings)."""
+        out = asdict(self)
+        for key in _FLOAT_LISTS:
+            out[key] = [_json_float(v) for v in out[key]]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialRecord:
+        data = dict(data)
+        for key in _FLOAT_LISTS:
+            data[key] = [math.nan if v is None else float(v) for v in data.get(key, [])]
+        return cls(**data)
+
+
+_FLOAT_LISTS = ("val_loss", "train_loss", "lr_trace")
+
+
+def _json_float(value: float | None) -> float | str | None:
+    if value is None:
+        return None
+    # 7 significant digits: exact enough for every table, and a results.json half the size
+    return float(f"{value:.7g}") if math.isfinite(value) else str(value)
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _recorder_class() -> type:
+    from ray.tune import Callback
+
+    class Recorder(Callback):
+        """Keeps every bench trial's reports in memory on the driver (no file round trip)."""
+
+        def __init__(self, eval_interval: int) -> None:
+            self.eval_interval = eval_interval
+            self.records: dict[str, TrialRecord] = {}
+            self.finished = 0
+
+        def _record(self, trial: Any) -> TrialRecord:
+            record = self.records.get(trial.trial_id)
+            if record is None:
+                tag = dict(trial.config.get(BENCH_KEY) or {})
+                record = TrialRecord(
+                    arm=str(tag.get("arm", "?")),
+                    task=str(tag.get("task", trial.config.get("task", "?"))),
+                    lr=tag.get("lr"),
+                    seed=int(tag.get("seed", trial.config.get("seed", 0))),
+                    phase=str(tag.get("phase", "")),
+                    group=str(tag.get("group", "")),
+                    trial_id=trial.trial_id,
+                    eval_interval=self.eval_interval,
+                )
+                self.records[trial.trial_id] = record
+            return record
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            record = self._record(trial)
+            if "step" not in result:
+                return
+            record.steps.append(int(result["step"]))
+            record.val_loss.append(_float(result.get("val_loss")))
+            record.train_loss.append(_float(result.get("train_loss")))
+            record.lr_trace.append(_float(result.get("lr")))
+            if result.get("diverged"):
+                record.status = "diverged"
+            initial = record.lr
+            for decision in result.get("meta/decisions") or ():
+                if (
+                    isinstance(decision, Mapping)
+                    and decision.get("group") == 0
+                    and decision.get("hparam") == "lr"
+                    and initial
+                ):
+                    record.lr_changes.append([int(decision["step"]) + 1, float(decision["new"]) / float(initial)])
+
+        def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
+            record = self._record(trial)
+            if record.status == "running" or status == "error":
+                record.status = status
+            record.error = error
+            record.executed = executed_steps(record.steps, self.eval_interval)
+            record.order = self.finished
+            self.finished += 1
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._finish(trial, "done")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            error = getattr(trial, "error_msg", None) or "trial raised an error"
+            self._finish(trial, "error", str(error).strip().splitlines()[-1][:300] if error else None)
+
+    return Recorder
+
+
+def _trial_name(trial: Any) -> str:
+    # Short names: the configs are long, and still placeholders when Tune names the trial.
+    return f"bench_{trial.trial_id}"
+
+
+def grid_space(configs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A Tune ``param_space`` that runs exactly ``configs``, one trial each, in order."""
+    from ray import tune
+
+    from ..tune import default_config
+
+    defaults = default_config()
+    keys = sorted({k for c in configs for k in c})
+    table = [{k: c.get(k, defaults.get(k)) for k in keys} for c in configs]
+    space: dict[str, Any] = {"_index": tune.grid_search(list(range(len(table))))}
+    for key in keys:
+        space[key] = tune.sample_from(lambda config, key=key: table[config["_index"]][key])
+    return space
+
+
+@dataclass
+class Runner:
+    """Runs Tune experiments of bench trials on the connected Ray cluster and records them.
+
+    Args:
+        size: the suite size (for eval_interval and resources).
+        storage_path: Tune's ``storage_path`` (also where the trained policies are saved).
+        cpus_per_trial, gpus_per_trial: resources of one trial.
+        progress: called with one line of text per finished experiment.
+    """
+
+    size: SuiteSize
+    storage_path: str
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    progress: Callable[[str], None] = print
+    records: list[TrialRecord] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def _resources(self, cpus: float | None = None) -> dict[str, float]:
+        resources = {"cpu": self.cpus_per_trial if cpus is None else cpus}
+        if self.gpus_per_trial > 0:
+            resources["gpu"] = self.gpus_per_trial
+        return resources
+
+    def run(
+        self,
+        name: str,
+        param_space: Mapping[str, Any],
+        *,
+        num_samples: int = 1,
+        scheduler: Any = None,
+        search_alg: Any = None,
+        callbacks: Sequence[Any] = (),
+        cpus: float | None = None,
+    ) -> list[TrialRecord]:
+        """One Tune experiment; returns (and keeps) the records of its trials."""
+        from ray import tune
+
+        from ..tune import metaopt_trainable
+
+        recorder = _recorder_class()(self.size.eval_interval)
+        started = time.monotonic()
+        # The trainable reports each interval's decisions as a list; TensorBoard's logger would
+        # warn about it on every report (the JSON/CSV logs keep them).
+        logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
+        tuner = tune.Tuner(
+            tune.with_resources(metaopt_trainable, self._resources(cpus)),
+            param_space=dict(param_space),
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=num_samples,
+                scheduler=scheduler,
+                search_alg=search_alg,
+                reuse_actors=True,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=self.storage_path,
+                callbacks=[recorder, *callbacks],
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        grid = tuner.fit()
+        elapsed = time.monotonic() - started
+        self.timings[name] = elapsed
+        for result in grid:
+            trial_id = (result.metrics or {}).get("trial_id")
+            if result.error is not None and trial_id in recorder.records:
+                rec = recorder.records[trial_id]
+                rec.status = "error"
+                rec.error = rec.error or f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+        records = sorted(recorder.records.values(), key=lambda r: r.order)
+        errors = [r for r in records if r.status == "error"]
+        self.progress(
+            f"  {name}: {len(records)} trials in {elapsed:.0f}s"
+            + (f", {len(errors)} errors (first: {errors[0].arm}: {errors[0].error})" if errors else "")
+        )
+        self.records.extend(records)
+        return records
+
+    # ------------------------------------------------------------------ phases
+    def run_grid(self, name: str, configs: Sequence[Mapping[str, Any]], callbacks: Sequence[Any] = ()) -> list[TrialRecord]:
+        if not configs:
+            return []
+        return self.run(name, grid_space(configs), callbacks=callbacks)
+
+    def main_phase(self) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """Baselines, heuristics, MoE arms, the untrained control and the RL training episodes.
+
+        Each RL task's episodes learn through their own shared policy actor, started and saved
+        by a :class:`~ray_metaopt.tune.MetaOptCallback`; they come first in the experiment, so the
+        policy sees them in order (seed-major: every lr early and late). Returns the saved
+        policies' paths and the actors' final stats, by task.
+        """
+        import ray
+
+        from ..tune.callbacks import MetaOptCallback
+
+        configs: list[dict[str, Any]] = []
+        callbacks: dict[str, Any] = {}
+        for task in self.size.rl_tasks:
+            if task not in self.size.tasks:
+                continue
+            policy_name = f"bench_{task}_{uuid.uuid4().hex[:8]}"
+            callbacks[task] = MetaOptCallback(
+                policy_name=policy_name,
+                policy_config={**RL_POLICY, "seed": 0},
+                policy_save_path=_join(self.storage_path, f"policy_{task}.pt"),
+                stats_interval_s=2.0,
+                write_interval_s=3600.0,
+            )
+            for seed in self.size.rl_train_seeds:
+                for lr in self.size.lr_grid:
+                    config = trial_config(_TRAIN_ARM, ArmContext(task, self.size, lr, seed), phase="rl_train")
+                    config["meta_config"] = {**config["meta_config"], "shared_policy": policy_name}
+                    configs.append(config)
+        for task in self.size.tasks:
+            for arm in arms_for(task, self.size):
+                if arm.phase != "main":
+                    continue
+                for lr in lrs_for(arm, task, self.size):
+                    for seed in self.size.seeds:
+                        configs.append(trial_config(arm, ArmContext(task, self.size, lr, seed)))
+        try:
+            self.run_grid("main", configs, callbacks=list(callbacks.values()))
+        finally:
+            for callback in callbacks.values():
+                if callback.policy_actor is not None:
+                    with contextlib.suppress(Exception):
+                        ray.kill(callback.policy_actor)
+        policies, stats = {}, {}
+        for task, callback in callbacks.items():
+            stats[task] = {k: v for k, v in (callback.policy_stats or {}).items() if isinstance(v, (int, float, str))}
+            if callback.saved_policy_path is None:
+                self.notes.append(f"{task}: the trained policy could not be saved; the RL evaluation arms did not run")
+            else:
+                policies[task] = callback.saved_policy_path
+        return policies, stats
+
+    def rl_eval_phase(self, policies: Mapping[str, str]) -> list[TrialRecord]:
+        configs = []
+        for task, path in policies.items():
+            for arm in arms_for(task, self.size):
+                if arm.phase != "rl_eval":
+                    continue
+                for lr in lrs_for(arm, task, self.size):
+                    for seed in self.size.seeds:
+                        configs.append(trial_config(arm, ArmContext(task, self.size, lr, seed, policy_path=path)))
+        return self.run_grid("rl_eval", configs)
+
+    def rl_replay_phase(self, tasks: Sequence[str]) -> dict[str, list]:
+        """Replay, on each task, the geometric-mean lr trajectory of the frozen RL arm at the default lr."""
+        schedules: dict[str, list] = {}
+        configs = []
+        for task in tasks:
+            runs = [
+                r for r in self.records
+                if r.task == task and r.arm == "rl" and r.lr == self.size.default_lr and r.status == "done"
+            ]
+            if not runs:
+                self.notes.append(f"{task}: no finished RL run at the default lr, so no replay control")
+                continue
+            schedule = mean_lr_factors([[(int(s), float(f)) for s, f in r.lr_changes] for r in runs])
+            schedules[task] = schedule
+            for arm in arms_for(task, self.size):
+                if arm.phase != "rl_replay":
+                    continue
+                for seed in self.size.seeds:
+                    ctx = ArmContext(task, self.size, self.size.default_lr, seed, replay_schedule=schedule)
+                    configs.append(trial_config(arm, ctx))
+        self.run_grid("rl_replay", configs)
+        return schedules
+
+    def pbt_phase(self, total_cpus: float) -> list[TrialRecord]:
+        from ray import tune
+        from ray.tune.schedulers import PopulationBasedTraining
+        from ray.tune.search import BasicVariantGenerator
+
+        low, high = min(self.size.lr_grid), max(self.size.lr_grid)
+        out = []
+        for task in self.size.tasks:
+            for arm in arms_for(task, self.size):
+                if arm.phase != "pbt":
+                    continue
+                for seed in self.size.pbt_seeds or self.size.seeds:
+                    ctx = ArmContext(task, self.size, low, seed)
+                    space = trial_config(arm, ctx)
+                    space["optimizer_config"] = {"lr": tune.loguniform(low, high), "weight_decay": 1e-4}
+                    # PBT needs a checkpoint at every perturbation; Ray's defaults otherwise.
+                    space["checkpoint_interval"] = self.size.pbt_perturbation_evals
+                    space[BENCH_KEY] = {**space[BENCH_KEY], "lr": None, "group": f"{arm.name}/{task}/{seed}"}
+                    pbt = PopulationBasedTraining(
+                        time_attr="training_iteration",
+                        perturbation_interval=self.size.pbt_perturbation_evals,
+                        hyperparam_mutations={"optimizer_config": {"lr": tune.loguniform(low, high)}},
+                    )
+                    # The whole population trains at once, as PBT is meant to run.
+                    cpus = min(self.cpus_per_trial, max(total_cpus, 1.0) / arm.population)
+                    out += self.run(
+                        f"{arm.name}_{task}_seed{seed}",
+                        space,
+                        num_samples=arm.population,
+                        scheduler=pbt,
+                        search_alg=BasicVariantGenerator(random_state=seed),
+                        cpus=cpus,
+                    )
+        return out
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if "://" in base else os.path.join(base, name)
+
+
+_TRAIN_ARM = Arm(
+    "rl_train",
+    "rl",
+    "RL training episode (shared policy, learning)",
+    "sweep",
+    "rl_train",
+    lambda ctx: {"meta": "rl", "meta_config": {**RL_POLICY, "update_frequency": ctx.size.rl_update_every}},
+)
+
+
+@dataclass
+class SuiteRun:
+    """Everything a finished run produced: records, per-phase wall times, RL artefacts, notes."""
+
+    records: list[TrialRecord]
+    timings: dict[str, float]
+    policy_stats: dict[str, dict[str, Any]]
+    replay_schedules: dict[str, list]
+    notes: list[str]
+    wall_seconds: float
+
+
+def run_suite(
+    size: SuiteSize,
+    *,
+    storage_path: str,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float = 0.0,
+    progress: Callable[[str], None] = print,
+) -> SuiteRun:
+    """Run every phase of the suite on the Ray cluster this process is connected to."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("run_suite needs a connected Ray (ray.init) first")
+    started = time.monotonic()
+    total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    runner = Runner(size, storage_path, cpus_per_trial, gpus_per_trial, progress)
+    rl_tasks = [t for t in size.rl_tasks if t in size.tasks]
+    progress(
+        f"phase main: baselines, heuristics, MoE arms, untrained-policy control ({', '.join(size.tasks)})"
+        + (f" and the RL training episodes ({', '.join(rl_tasks)})" if rl_tasks else "")
+    )
+    policies, policy_stats = runner.main_phase()
+    schedules: dict[str, list] = {}
+    if policies:
+        progress("phase rl_eval: frozen policy and state-blind control on the evaluation seeds")
+        runner.rl_eval_phase(policies)
+        progress("phase rl_replay: the RL arm's average lr trajectory replayed")
+        schedules = runner.rl_replay_phase(list(policies))
+    if any(task in size.tasks for task in size.pbt_tasks) and size.pbt_populations:
+        progress(f"phase pbt: populations {list(size.pbt_populations)}, {len(size.pbt_seeds or size.seeds)} seeds each")
+        runner.pbt_phase(total_cpus)
+    return SuiteRun(
+        records=runner.records,
+        timings=runner.timings,
+        policy_stats=policy_stats,
+        replay_schedules=schedules,
+        notes=runner.notes,
+        wall_seconds=time.monotonic() - started,
+    )

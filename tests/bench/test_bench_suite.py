@@ -1,0 +1,134 @@
+"""A tiny configuration of the whole suite, end to end on the real session Ray."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+
+from ray_metaopt.bench import load_results, main, save_results, write_report
+from ray_metaopt.bench.analysis import analyze
+from ray_metaopt.bench.arms import SUITE_SIZES, arms_for, lrs_for
+from ray_metaopt.bench.runner import run_suite
+from ray_metaopt.bench.stats import mean_lr_factors
+
+TINY = SUITE_SIZES["quick"].with_(
+    name="tiny",
+    tasks=("teacher_student", "moe"),
+    task_configs={"teacher_student": {"val_size": 256}, "moe": {"val_size": 256}},
+    max_steps={"teacher_student": 40, "moe": 20},
+    eval_interval=10,
+    seeds=(0, 1),
+    lr_grid=(1e-3, 1e-2),
+    default_lr_index=1,
+    sweep_tasks=("teacher_student",),
+    pbt_tasks=("teacher_student",),
+    pbt_populations=(2,),
+    pbt_seeds=(0,),
+    pbt_perturbation_evals=1,
+    rl_tasks=("teacher_student",),
+    rl_train_seeds=(100, 101),
+    rl_update_every=5,
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def suite(ray_session, tmp_path_factory):
+    lines: list[str] = []
+    run = run_suite(TINY, storage_path=str(tmp_path_factory.mktemp("tune")), progress=lines.append)
+    return run, lines
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_planned_trial_ran_to_its_budget(suite):
+    run, lines = suite
+    assert [r for r in run.records if r.status != "done"] == []
+    counts = collections.Counter((r.task, r.arm) for r in run.records)
+    expected = {}
+    for task in TINY.tasks:
+        for arm in arms_for(task, TINY):
+            if arm.family == "pbt":
+                expected[(task, arm.name)] = arm.population * len(TINY.pbt_seeds)
+            else:
+                expected[(task, arm.name)] = len(lrs_for(arm, task, TINY)) * len(TINY.seeds)
+    expected[("teacher_student", "rl_train")] = len(TINY.rl_train_seeds) * len(TINY.lr_grid)
+    assert dict(counts) == expected
+    for r in run.records:
+        assert r.steps[-1] == TINY.max_steps[r.task], (r.arm, r.steps)
+        if r.arm != "pbt2":  # PBT members may restore another member's checkpoint
+            assert r.steps == list(range(10, TINY.max_steps[r.task] + 1, 10))
+            assert r.executed == TINY.max_steps[r.task]
+    assert set(run.timings) == {"main", "rl_eval", "rl_replay", "pbt2_teacher_student_seed0"}
+    assert any(line.startswith("phase pbt") for line in lines)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_arms_do_what_they_claim(suite):
+    run, _ = suite
+    by_arm = collections.defaultdict(list)
+    for r in run.records:
+        by_arm[(r.task, r.arm)].append(r)
+    # fixed: constant lr; cosine: decays towards 0; the lr is the configured one
+    for r in by_arm[("teacher_student", "fixed")]:
+        assert set(r.lr_trace) == {r.lr}
+    for r in by_arm[("teacher_student", "cosine")]:
+        assert r.lr_trace[0] < r.lr and r.lr_trace[-1] < 1e-3 * r.lr
+    # the shared policy learned from the training episodes, and was saved and evaluated
+    stats = run.policy_stats["teacher_student"]
+    assert stats["rollouts/transitions"] > 0
+    # the replay schedule is the RL arm's geometric-mean trajectory, and the replay followed it
+    schedule = run.replay_schedules["teacher_student"]
+    rl_runs = [r for r in by_arm[("teacher_student", "rl")] if r.lr == TINY.default_lr]
+    assert schedule == mean_lr_factors([[tuple(c) for c in r.lr_changes] for r in rl_runs])
+    expected = schedule[1:] if schedule and schedule[0][1] == 1.0 else schedule  # a leading x1 changes nothing
+    for r in by_arm[("teacher_student", "rl_replay")]:
+        assert [s for s, _ in r.lr_changes] == [s for s, _ in expected]
+        assert [f for _, f in r.lr_changes] == pytest.approx([f for _, f in expected])
+    # MoE: the no-aux-loss treatment really trains another objective than the fixed arm at that lr
+    fixed_default = {r.seed: r.val_loss for r in by_arm[("moe", "fixed")] if r.lr == TINY.default_lr}
+    no_aux = {r.seed: r.val_loss for r in by_arm[("moe", "moe_no_aux_loss")]}
+    assert fixed_default.keys() == no_aux.keys() and fixed_default != no_aux
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_and_plots_are_written_and_regenerated(suite, tmp_path):
+    run, _ = suite
+    info = {"machine": {"cpu": "test", "cores": 2, "load_average": [1.0, 1.0, 1.0]}, "command": "ray-metaopt bench tiny"}
+    out = tmp_path / "bench"
+    out.mkdir()
+    save_results(str(out / "results.json"), run, TINY, info)
+    path = write_report(str(out), run, TINY, info)
+    with open(path) as f:
+        text = f.read()
+    results = analyze(run.records, TINY, replay_schedules=run.replay_schedules, policy_stats=run.policy_stats)
+    for task, result in results.items():
+        assert f"## `{task}`" in text
+        for name in result.arms:
+            assert f"| `{name}` |" in text, name
+    assert "### RL policy on `teacher_student`" in text
+    assert "### Robustness to the initial lr" in text
+    assert "ray-metaopt bench tiny" in text
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert pngs == [
+        "moe_curves.png",
+        "moe_robustness.png",
+        "teacher_student_curves.png",
+        "teacher_student_rl_learning_curve.png",
+        "teacher_student_robustness.png",
+    ]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"![{name}]({name})" in text
+    # --report-only rebuilds the same tables from results.json
+    loaded, size, _ = load_results(str(out / "results.json"))
+    assert size == TINY and len(loaded.records) == len(run.records)
+    again = tmp_path / "again"
+    assert main(["--report-only", str(out / "results.json"), "--output", str(again), "--no-plots"]) == 0
+    regenerated = (again / "RESULTS.md").read_text()
+    table = lambda t: t[t.index("## `teacher_student`") : t.index("## `moe`")]
+    assert table(regenerated).replace("\n", "") == table(text).replace("\n", "")
