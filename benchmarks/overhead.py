@@ -42,23 +42,6 @@ def make_model(d_in: int, hidden: int, d_out: int, device: torch.device) -> torc
     ).to(device)
 
 
-class ThinStepWrapper(OptimizerWrapper):
-    """Experiment for a proposed change to ``OptimizerWrapper.step`` (not used by the library).
-
-    ``Optimizer`` subclasses get torch's profiling hook around ``step`` (a ``record_function``
-    plus the hook loops); the wrapped optimizer's own ``step`` already has one, so the wrapper's is
-    paid twice (and global optimizer hooks fire twice per step). This ``step`` goes straight to
-    the wrapped optimizer unless hooks were registered on the wrapper itself.
-    """
-
-    def step(self, closure=None):
-        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
-            return OptimizerWrapper.step(self, closure)
-        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-
-    step.hooked = True  # tells torch's _patch_step_function not to wrap it
-
-
 class Bench:
     """One model, one AdamW, one wrapper around that same AdamW; iterations with or without it."""
 
@@ -196,13 +179,6 @@ CONFIGS = [
     ),
     ("ablation: only update_hyperparameters (uf=10), raw step", _plateau10, False, "update_only_iteration"),
     ("ablation: only wrapper.step() instead of raw step", _plateau10, False, "step_only_iteration"),
-    (
-        "proposed thin wrapper.step, Plateau uf=10, tensor metrics",
-        _plateau10,
-        False,
-        "wrapped_iteration",
-        ThinStepWrapper,
-    ),
 ]
 
 
@@ -289,7 +265,6 @@ def profile_wrapper(args) -> None:
     loss = torch.tensor(1.0)
     metrics = {"loss": loss, "grad_norm": torch.tensor(2.0)}
     unhooked_raw = type(raw).step.__wrapped__
-    unhooked_wrapper = OptimizerWrapper.step.__wrapped__
 
     def record():
         with torch.autograd.profiler.record_function("Optimizer.step#OptimizerWrapper.step"):
@@ -304,13 +279,10 @@ def profile_wrapper(args) -> None:
         ("raw.step()", raw.step),
         ("wrapper.step()", opt.step),
         ("raw.step without torch's profile hook", lambda: unhooked_raw(raw)),
-        ("wrapper.step without its own profile hook", lambda: unhooked_wrapper(opt)),
         ("record_function enter/exit", record),
         ("raw.zero_grad()", raw.zero_grad),
         ("wrapper.zero_grad()", opt.zero_grad),
     ]
-    thin = ThinStepWrapper(raw, PlateauMetaOptimizer(update_frequency=10**9))
-    cases.append(("proposed thin wrapper.step()", thin.step))
     times = {label: [] for label, _ in cases}
     for _ in range(9):  # rounds, each timing every case in turn, so drift hits all alike
         for label, fn in cases:
@@ -331,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: stable numbers)")
     parser.add_argument("--profile", action="store_true", help="break the wrapper's per-step cost down (CPU)")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation / proposed-patch rows")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation rows")
     args = parser.parse_args(argv)
     if args.reps < 2 or args.block < 1:
         parser.error(f"--reps must be >= 2 and --block >= 1, got --reps {args.reps} --block {args.block}")
