@@ -39,7 +39,9 @@ class TrainingRun:
     tensors), ``step_time`` (seconds), ``val_loss`` at evaluations and the task's per-step
     metrics (e.g. ``routing_entropy``). A decision therefore applies from the next step on.
 
-    A non-finite loss or gradient norm stops the trial *before* the optimizer step, and a
+    A non-finite loss or gradient norm stops the trial *before* the optimizer step (on the CPU;
+    on an accelerator the flag is read every ``min(eval_interval, 16)`` steps, so that the other
+    steps need no host sync, and the trial stops at the next read), and a
     non-finite validation loss at an evaluation stops it before the strategy sees it: the trial
     reports ``diverged=True`` with ``diverged_reason``, writes no checkpoint of that state, and
     returns, so training never continues on non-finite values (the last checkpoint stays the last
@@ -153,6 +155,10 @@ class TrainingRun:
         loss_sum = torch.zeros((), device=self.device)
         loss_count = 0
         evaluations = self.step // c.eval_interval
+        # Reading the finiteness flag is a host sync: every step on the CPU (free), every
+        # `check_every` steps and at evaluations on an accelerator, so steps in between run async.
+        check_every = 1 if self.device.type == "cpu" else min(c.eval_interval, 16)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         last: dict[str, Any] | None = None
         self.model.train()
         self.reporter.restart_timer(self.step)
@@ -163,12 +169,19 @@ class TrainingRun:
             out.loss.backward()
             loss = out.loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            next_step = self.step + 1
+            due = next_step % check_every == 0 or next_step % c.eval_interval == 0 or next_step == c.max_steps
+            if due and bool(nonfinite):
                 what = "loss" if not math.isfinite(float(loss)) else "gradient norm"
                 last = self._result(float(loss), {}, diverged=True)
-                last["diverged_reason"] = (
-                    f"non-finite {what} at step {self.step}; no optimizer step was taken"
-                )
+                if check_every == 1:
+                    last["diverged_reason"] = f"non-finite {what} at step {self.step}; no optimizer step was taken"
+                else:
+                    last["diverged_reason"] = (
+                        f"non-finite loss or gradient norm within steps {self.step - check_every + 1}-{self.step} "
+                        f"(checked every {check_every} steps on {self.device.type}); stopped before step {self.step}"
+                    )
                 report(last, None)
                 return last
             self.wrapper.step()
