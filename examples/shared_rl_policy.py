@@ -13,7 +13,7 @@ Run::
     python examples/shared_rl_policy.py --trials 16 --steps 2000 --address auto   # on a cluster
 
 The last line printed is one JSON object: ``num_trials``, ``trials_with_rollouts``,
-``policy_updates``, ``policy_version`` and more.
+``policy_updates``, ``policy_version``, ``trials_per_node`` (by node IP) and more.
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ def main() -> None:
     val_losses = [r.metrics.get("val_loss", math.nan) for r in results if r.metrics]
     best = min((v for v in val_losses if math.isfinite(v)), default=math.nan)
     per_trial = stats["rollouts/transitions_per_trial"]
+    trials_per_node: dict[str, int] = {}
+    for r in results:
+        node = (r.metrics or {}).get("node_ip", "unknown")
+        trials_per_node[node] = trials_per_node.get(node, 0) + 1
     summary = {
         "num_trials": len(results),
         "num_errored": errors,
@@ -133,6 +137,7 @@ def main() -> None:
         "policy_entropy": None if math.isnan(stats["policy/entropy"]) else round(stats["policy/entropy"], 4),
         "best_val_loss": None if math.isnan(best) else best,
         "saved_policy": save_path,
+        "trials_per_node": trials_per_node,
         "wall_s": round(time.perf_counter() - started, 1),
     }
     ray.shutdown()

@@ -104,6 +104,8 @@ class LocalRayCluster:
         env.update(self._extra_env)
         env[CLUSTER_MARKER] = str(self.base)
         env[NODE_MARKER] = name
+        # Like an activated venv on every node: `python` in a job's entrypoint is this interpreter.
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         repo = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
         return env
@@ -150,14 +152,19 @@ class LocalRayCluster:
             time.sleep(0.2)
         return node
 
-    def start_head(self, num_cpus: int = 2, timeout: float = 60) -> Node:
+    def start_head(self, num_cpus: int = 2, dashboard: bool = False, timeout: float = 60) -> Node:
+        """Start the head node; with ``dashboard=True`` it serves the dashboard and the job API on
+        ``self.dashboard_url`` (needs ``ray[default]``)."""
+        self.dashboard_port = free_port()
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         return self._start(
             "head",
             [
                 "--head",
                 f"--port={self.gcs_port}",
-                "--include-dashboard=false",
-                f"--dashboard-port={free_port()}",  # the minimal head process binds it all the same
+                f"--include-dashboard={'true' if dashboard else 'false'}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",  # the minimal head binds it all the same
             ],
             num_cpus,
             timeout,
@@ -193,6 +200,18 @@ class LocalRayCluster:
         proc.log_path = log  # type: ignore[attr-defined]
         self._drivers.append(proc)
         return proc
+
+    def ray_cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run the ``ray`` command (``ray job submit ...``) as a client of this cluster (its token in
+        ``RAY_AUTH_TOKEN``, unless ``env`` replaces the environment)."""
+        return subprocess.run(
+            [*self._ray_cli(), *args],
+            env=self.env("client") if env is None else env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.base,
+        )
 
     def tail(self, node_or_path: Node | Path, lines: int = 40) -> str:
         path = node_or_path.log if isinstance(node_or_path, Node) else node_or_path
