@@ -427,3 +427,48 @@ def test_rescale_anchors_moves_initial_values_and_schedules():
         w.rescale_anchors(0, "lr")
     with pytest.raises(ValueError, match="hparam must be 'lr' or 'weight_decay'"):
         w.rescale_anchors(0, "momentum", factor=2.0)
+
+
+# ------------------------------------------------------------------ schedule-free optimizers
+def test_schedule_free_optimizer_modes_decisions_and_resume():
+    # schedulefree's optimizers keep their own lr bookkeeping (warmup, lr_max, weight_sum) in the
+    # param groups and switch the weights with train()/eval(); through the wrapper both must work,
+    # every group's lr must follow the strategy, and a state dict must resume the run exactly.
+    schedulefree = pytest.importorskip("schedulefree")  # in the test extra; skipped only outside it
+    x, y = data()
+
+    def build():
+        model, groups = two_group_model()
+        opt = schedulefree.AdamWScheduleFree(groups, warmup_steps=3)
+        return model, OptimizerWrapper(opt, ScaleEvery(update_frequency=4))
+
+    model, w = build()
+    with pytest.raises(Exception, match="train mode"):
+        train_step(model, w, x, y, 0)  # schedule-free refuses to step in eval mode: nothing hidden
+    model, w = build()
+    w.train()  # reaches the wrapped optimizer
+    for step in range(8):
+        train_step(model, w, x, y, step)
+    assert [g["lr"] for g in w.param_groups] == [1e-2 * 0.25, 1e-3 * 0.25]  # decisions at 3 and 7
+    w.eval()
+    assert all(not g["train_mode"] for g in w.param_groups)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": w.state_dict()}, buffer)
+
+    def finish(model, w):
+        w.train()
+        for step in range(8, 16):
+            train_step(model, w, x, y, step)
+        w.eval()
+        return [p.detach().clone() for p in model.parameters()], [dict(g) for g in w.param_groups]
+
+    expected_params, expected_groups = finish(model, w)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2, w2 = build()
+    model2.load_state_dict(saved["model"])
+    w2.load_state_dict(saved["opt"])
+    params, groups = finish(model2, w2)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected_params))
+    keys = ("lr", "k", "weight_sum", "lr_max", "train_mode")
+    assert [{k: g[k] for k in keys} for g in groups] == [{k: g[k] for k in keys} for g in expected_groups]

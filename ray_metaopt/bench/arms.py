@@ -232,10 +232,31 @@ def optional_lr_free_optimizer() -> tuple[str | None, str]:
     if importlib.util.find_spec("prodigyopt") is not None:
         return "prodigyopt:Prodigy", "Prodigy (prodigyopt), lr=1.0 as its authors recommend"
     return None, (
-        "skipped: neither `prodigyopt` (Prodigy) nor `schedulefree` is importable here, and the suite does not add a "
-        "dependency. Schedule-free AdamW would also need `optimizer.eval()` around evaluation, which the provided "
-        "trainable does not call; Prodigy drops in as a plain torch optimizer (`pip install prodigyopt`)."
+        "skipped: `prodigyopt` (Prodigy, a learning-rate-free optimizer) is not importable here, and the suite does "
+        "not add a dependency for it; it drops in as a plain torch optimizer (`pip install prodigyopt`). "
+        "Schedule-free AdamW runs as its own arms (`schedule_free`, `schedule_free_plateau`)."
     )
+
+
+def schedule_free_available() -> bool:
+    """Whether the schedule-free arms can run (the ``schedulefree`` package, extra ``bench``)."""
+    return importlib.util.find_spec("schedulefree") is not None
+
+
+SCHEDULE_FREE_SKIPPED = (
+    "skipped: the `schedulefree` package is not installed here (`pip install 'ray_metaopt[bench]'`)"
+)
+
+
+def _schedule_free(ctx: ArmContext, **extra: Any) -> dict[str, Any]:
+    """Schedule-free AdamW (Defazio et al. 2024) at ``ctx.lr``, with a linear warmup over 5% of the run."""
+    warmup = max(1, round(0.05 * ctx.size.max_steps[ctx.task]))
+    return {
+        "optimizer": "schedulefree:AdamWScheduleFree",
+        "optimizer_config": {"lr": ctx.lr, "weight_decay": 1e-4, "warmup_steps": warmup},
+        "schedule": "constant",
+        **extra,
+    }
 
 
 GENERIC_ARMS: tuple[Arm, ...] = (
@@ -243,12 +264,18 @@ GENERIC_ARMS: tuple[Arm, ...] = (
         lambda ctx: {"meta": "none", "schedule": "constant"}),
     Arm("cosine", "baseline", "AdamW with a cosine decay to 0 over the run; tuned over the lr grid", "tune", "main",
         lambda ctx: {"meta": "none", "schedule": "cosine"}),
+    Arm("schedule_free", "baseline",
+        "schedule-free AdamW (no lr schedule; 5% linear warmup; evaluated at its averaged weights); "
+        "tuned over the lr grid", "tune", "main", lambda ctx: {**_schedule_free(ctx), "meta": "none"}),
     Arm("reduce_on_plateau", "baseline",
         "torch ReduceLROnPlateau on val_loss once per evaluation (torch defaults: factor 0.1, threshold 1e-4 rel; "
         "patience in evaluations scaled to the run)", "sweep", "main",
         lambda ctx: {"meta": _strategy("TorchReduceLROnPlateau"), "meta_config": {"patience": ctx.size.patience(ctx.task)}}),
     Arm("plateau", "heuristic", "PlateauMetaOptimizer on val_loss (lr x0.5 after `patience` flat evaluations)",
         "sweep", "main", lambda ctx: {"meta": "plateau", "meta_config": _plateau_config(ctx)}),
+    Arm("schedule_free_plateau", "heuristic",
+        "PlateauMetaOptimizer on top of schedule-free AdamW (the plateau arm's settings)", "sweep", "main",
+        lambda ctx: _schedule_free(ctx, meta="plateau", meta_config=_plateau_config(ctx))),
     Arm("advanced_plateau", "heuristic",
         "AdvancedPlateauMetaOptimizer (plateau + trend + warmup + grad-norm weight decay), the CLI's settings",
         "sweep", "main",
@@ -331,6 +358,8 @@ def arms_for(task: str, size: SuiteSize) -> list[Arm]:
     for arm in GENERIC_ARMS:
         if arm.family in ("rl", "rl_control") and task not in size.rl_tasks:
             continue
+        if arm.name.startswith("schedule_free") and not schedule_free_available():
+            continue
         arms.append(arm)
         if arm.name == "advanced_plateau" and task in size.pbt_tasks:
             arms.extend(pbt_arm(p) for p in size.pbt_populations)
@@ -356,6 +385,8 @@ def skipped_arms(task: str, size: SuiteSize) -> list[tuple[str, str]]:
             why = f"PBT runs only on {list(size.pbt_tasks)} at the {size.name} size"
         elif arm.family in ("rl", "rl_control"):
             why = f"the RL protocol runs only on {list(size.rl_tasks)} at the {size.name} size"
+        elif arm.name.startswith("schedule_free"):
+            why = SCHEDULE_FREE_SKIPPED
         elif arm.name == "moe_z_loss":
             why = "the MoE task has no z_loss_weight option in this version"
         elif arm.family == "optional":

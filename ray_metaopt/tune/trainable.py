@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -84,6 +85,7 @@ class TrainingRun:
         self.reporter.constants = self.task.info()
         self.step = 0
         self.config_overrides: list[dict] = []
+        self._optimizer_training = False
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -92,20 +94,44 @@ class TrainingRun:
         return dict(self.config.optimizer_config)
 
     def save(self, directory: str) -> str:
-        """Write the trial's full state (model, optimizer + strategy, schedule, task stream, RNG)."""
+        """Write the trial's full state (model, optimizer + strategy, schedule, task stream, RNG).
+
+        A schedule-free optimizer is saved in its eval mode (the weights it evaluates at), as its
+        authors advise; :meth:`train` switches it back to train mode.
+        """
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return save_checkpoint(
-            directory,
-            self.model,
-            self.wrapper,
-            hparams=self.configured_hparams,
-            schedulers=self.schedulers,
-            step=self.step,
-            task=self.task.state_dict(),
-            rng=rng,
-        )
+        with self._optimizer_eval_mode():
+            return save_checkpoint(
+                directory,
+                self.model,
+                self.wrapper,
+                hparams=self.configured_hparams,
+                schedulers=self.schedulers,
+                step=self.step,
+                task=self.task.state_dict(),
+                rng=rng,
+            )
+
+    # ------------------------------------------------------------------ optimizer modes
+    def _optimizer_mode(self, mode: str) -> None:
+        # Schedule-free optimizers (the `schedulefree` package) train at one point and evaluate
+        # at another; they switch with optimizer.train() / optimizer.eval(). Others have neither.
+        switch = getattr(self.wrapper.optimizer, mode, None)
+        if callable(switch):
+            switch()
+        self._optimizer_training = mode == "train"
+
+    @contextlib.contextmanager
+    def _optimizer_eval_mode(self) -> Iterator[None]:
+        was_training = self._optimizer_training
+        self._optimizer_mode("eval")
+        try:
+            yield
+        finally:
+            if was_training:
+                self._optimizer_mode("train")
 
     def restore(self, directory: str) -> None:
         """Continue from a checkpoint written by :meth:`save` (configured hparams that changed win)."""
@@ -123,7 +149,7 @@ class TrainingRun:
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._optimizer_eval_mode():
                 return self.task.evaluate(self.model)
         finally:
             self.model.train()
@@ -147,8 +173,18 @@ class TrainingRun:
         """Train from :attr:`step` to ``max_steps``; call ``report(result, checkpoint_dir)`` at evaluations.
 
         ``checkpoint_dir`` is a directory holding the state when a checkpoint is due (valid
-        only during the call), else ``None``. Returns the last result.
+        only during the call), else ``None``. Returns the last result. A schedule-free optimizer
+        is in train mode during training and back in eval mode when this returns (or raises),
+        so :attr:`model` then holds the weights it was evaluated at.
         """
+        self.model.train()
+        self._optimizer_mode("train")
+        try:
+            return self._train(report)
+        finally:
+            self._optimizer_mode("eval")
+
+    def _train(self, report: ReportFn) -> dict[str, Any] | None:
         c = self.config
         clip = math.inf if c.grad_clip is None else float(c.grad_clip)
         params = [p for group in self.wrapper.param_groups for p in group["params"]]
@@ -160,7 +196,6 @@ class TrainingRun:
         check_every = 1 if self.device.type == "cpu" else min(c.eval_interval, 16)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         last: dict[str, Any] | None = None
-        self.model.train()
         self.reporter.restart_timer(self.step)
         while self.step < c.max_steps:
             started = time.perf_counter()
@@ -244,7 +279,9 @@ def metaopt_trainable(config: dict) -> None:
     Config keys (all but ``task`` optional; see
     :class:`~ray_metaopt.tune.builders.TrialConfig`): ``task`` (``teacher_student``, ``moe``,
     ``digits``, ``sequence`` or a registered/own task), ``task_config``, ``optimizer``
-    (``adamw``, ``adam``, ``sgd``, ``rmsprop``, ... from ``torch.optim``), ``optimizer_config``
+    (``adamw``, ``adam``, ``sgd``, ``rmsprop``, ... from ``torch.optim``, or ``"module:Class"``
+    such as ``"schedulefree:AdamWScheduleFree"``: an optimizer with ``train()``/``eval()`` is
+    trained in train mode and evaluated and checkpointed in eval mode), ``optimizer_config``
     (``lr``, ``weight_decay``, ...; default ``{"lr": 1e-3}``), ``meta`` (``none``, ``plateau``
     (default), ``advanced_plateau``, ``expert_gate``, ``smart_expert_gate``, ``rl``),
     ``meta_config`` (constructor arguments over the trainable's defaults: ``update_frequency`` =

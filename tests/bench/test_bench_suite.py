@@ -77,6 +77,15 @@ def test_arms_do_what_they_claim(suite):
         assert set(r.lr_trace) == {r.lr}
     for r in by_arm[("teacher_student", "cosine")]:
         assert r.lr_trace[0] < r.lr and r.lr_trace[-1] < 1e-3 * r.lr
+    # schedule-free: no lr schedule on top (its warmup is internal), and really another optimizer
+    # than AdamW at the same lr; with the plateau strategy on top it is still schedule-free
+    fixed = {(r.lr, r.seed): r.val_loss for r in by_arm[("teacher_student", "fixed")]}
+    for name in ("schedule_free", "schedule_free_plateau"):
+        runs = by_arm[("teacher_student", name)]
+        assert runs, name
+        assert all(fixed[(r.lr, r.seed)] != r.val_loss for r in runs), name
+    for r in by_arm[("teacher_student", "schedule_free")]:
+        assert set(r.lr_trace) == {r.lr}
     # the shared policy learned from the training episodes, and was saved and evaluated
     stats = run.policy_stats["teacher_student"]
     assert stats["rollouts/transitions"] > 0

@@ -347,8 +347,9 @@ def test_checkpoint_is_plain_data(tmp_path):
             "optimizer": "sgd",
             "optimizer_config": {"lr": 0.05, "momentum": 0.9},
         },
+        {"optimizer": "schedulefree:AdamWScheduleFree", "optimizer_config": {"lr": 1e-2, "warmup_steps": 10}},
     ],
-    ids=["plateau", "digits-dropout", "moe-smart-gate", "cosine-sgd"],
+    ids=["plateau", "digits-dropout", "moe-smart-gate", "cosine-sgd", "schedule-free"],
 )
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, overrides):
     config = _config(**overrides)
@@ -360,6 +361,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, overrides):
     assert resumed_run.step == 40
     resumed = _collect(resumed_run)
     assert [_without_timing(r) for r in resumed] == [_without_timing(r) for r in reference[2:]]
+
+
+def test_schedule_free_optimizer_trains_evaluates_and_saves_in_its_modes(tmp_path):
+    # AdamWScheduleFree refuses to step outside train mode, and its evaluation weights (x) differ
+    # from its training weights (y): the trial must train in train mode and evaluate, checkpoint
+    # and finish in eval mode.
+    config = _config(
+        optimizer="schedulefree:AdamWScheduleFree", optimizer_config={"lr": 1e-2, "warmup_steps": 10}
+    )
+    run = TrainingRun(config)
+    results = _collect(run, keep_checkpoint_at=40, into=tmp_path / "ckpt")
+    assert [r["step"] for r in results] == [20, 40, 60, 80] and not results[-1]["diverged"]
+    assert results[-1]["meta/num_decisions"] >= 1  # the plateau strategy changed the lr on top
+    optimizer = run.wrapper.optimizer
+    assert all(not g["train_mode"] for g in optimizer.param_groups)  # finished in eval mode
+    at_x = run.task.evaluate(run.model)["val_loss"]
+    assert at_x == pytest.approx(results[-1]["val_loss"], rel=1e-6)  # reported at the eval point
+    optimizer.train()
+    at_y = run.task.evaluate(run.model)["val_loss"]
+    assert abs(at_y - at_x) > 1e-6 * abs(at_x)  # the two points differ, so the check above means something
+    # The checkpoint written mid-training holds the eval point; training went on in train mode.
+    state = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)
+    assert all(not g["train_mode"] for g in state["optimizer"]["param_groups"])
 
 
 # ----------------------------------------------------------------------------- PBT rule
