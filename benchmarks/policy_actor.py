@@ -46,10 +46,8 @@ POLICY = {"batch_size": 32, "policy_lr": 1e-3}
 def bench_ingestion(ray, segments: int, segment_size: int = 8) -> dict:
     from ray_metaopt.rl import start_policy_actor
 
-    # Every segment says version 0: no staleness bound, so that every transition is learned from.
-    actor = start_policy_actor(
-        "bench_ingest", namespace="ray_metaopt_bench", policy_config=POLICY, max_staleness=10**9
-    )
+    # Every segment says version 0; with no staleness bound (the default) every one is learned from.
+    actor = start_policy_actor("bench_ingest", namespace="ray_metaopt_bench", policy_config=POLICY)
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(segments * segment_size, STATE_DIM, generator=gen).clamp(-3, 3).tolist()
 

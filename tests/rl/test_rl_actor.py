@@ -56,6 +56,26 @@ def test_actor_updates_once_per_batch_and_counts_per_trial():
     assert stats["rollouts/buffered"] == 0 and math.isfinite(stats["policy/entropy"])
 
 
+def test_by_default_every_valid_transition_is_learned_from_however_stale():
+    actor = PolicyActor("s", {"batch_size": 4, "policy_lr": 1e-3})
+    assert actor.max_staleness is None
+    for v in range(100):
+        actor.submit(transitions(4, version=v))
+    stale = transitions(4, version=0)  # 100 versions behind (e.g. a trial that lost contact)
+    for t in stale:
+        t["logp"] = -30.0
+    actor.submit(stale)
+    stats = actor.stats()
+    assert stats["rollouts/dropped_stale"] == 0 and stats["rollouts/transitions"] == 404
+    assert actor.learner.version == 101  # learned from them, importance weight clipped at the default 2
+    assert actor.learner.last_metrics["policy/importance_weight"] == pytest.approx(2.0)
+
+
+def test_max_staleness_is_validated():
+    with pytest.raises(ValueError, match="max_staleness"):
+        PolicyActor("s", {"batch_size": 4}, max_staleness=-1)
+
+
 def test_stale_rollouts_are_dropped_beyond_the_bound_and_importance_weighted_within_it():
     actor = PolicyActor("s", {"batch_size": 4, "policy_lr": 1e-3}, max_staleness=2, importance_clip=1.5)
     for v in range(3):
