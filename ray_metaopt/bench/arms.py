@@ -230,11 +230,10 @@ def moe_task_accepts(key: str) -> bool:
 def optional_lr_free_optimizer() -> tuple[str | None, str]:
     """``(optimizer path, note)`` of the learning-rate-free arm; path ``None`` when unavailable."""
     if importlib.util.find_spec("prodigyopt") is not None:
-        return "prodigyopt:Prodigy", "Prodigy (prodigyopt), lr=1.0 as its authors recommend"
+        return "prodigyopt:Prodigy", "Prodigy (prodigyopt), lr=1.0 with cosine annealing as its authors recommend"
     return None, (
-        "skipped: `prodigyopt` (Prodigy, a learning-rate-free optimizer) is not importable here, and the suite does "
-        "not add a dependency for it; it drops in as a plain torch optimizer (`pip install prodigyopt`). "
-        "Schedule-free AdamW runs as its own arms (`schedule_free`, `schedule_free_plateau`)."
+        "skipped: `prodigyopt` (Prodigy, a learning-rate-free optimizer) is not installed here "
+        "(`pip install 'ray_metaopt[bench]'`)"
     )
 
 
@@ -345,8 +344,9 @@ MOE_ARMS: tuple[Arm, ...] = (
         }),
 )
 
-OPTIONAL_ARM = Arm("lr_free", "optional", "learning-rate-free optimizer (Prodigy) at its recommended lr=1.0",
-                   "default", "main", lambda ctx: {"meta": "none"})
+OPTIONAL_ARM = Arm("lr_free", "optional",
+                   "learning-rate-free Prodigy at lr=1.0 with a cosine decay over the run, as its authors recommend",
+                   "default", "main", lambda ctx: {"meta": "none", "schedule": "cosine"})
 
 ALL_ARMS: tuple[Arm, ...] = GENERIC_ARMS + (pbt_arm(4), pbt_arm(8)) + MOE_ARMS + (OPTIONAL_ARM,)
 ARMS_BY_NAME = {a.name: a for a in ALL_ARMS}

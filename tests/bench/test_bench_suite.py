@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import os
 
 import pytest
@@ -86,6 +87,13 @@ def test_arms_do_what_they_claim(suite):
         assert all(fixed[(r.lr, r.seed)] != r.val_loss for r in runs), name
     for r in by_arm[("teacher_student", "schedule_free")]:
         assert set(r.lr_trace) == {r.lr}
+    # lr-free: Prodigy at lr 1.0 under a cosine decay, on every task
+    for task in TINY.tasks:
+        runs = by_arm[(task, "lr_free")]
+        assert len(runs) == len(TINY.seeds), task
+        for r in runs:
+            assert r.lr == 1.0 and r.lr_trace[0] < 1.0 and r.lr_trace[-1] < 1e-3
+            assert math.isfinite(r.final_val_loss)
     # the shared policy learned from the training episodes, and was saved and evaluated
     stats = run.policy_stats["teacher_student"]
     assert stats["rollouts/transitions"] > 0
