@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -496,9 +495,6 @@ def run(args: argparse.Namespace) -> int:
     from ray_metaopt.tune.plotting import MissingPlotDependency, plot_trajectories
     from ray_metaopt.tune.scheduler import MetaAwareScheduler
 
-    # The trainable reports each interval's decisions as a list of dicts; TensorBoard cannot
-    # log lists and Tune's TBX logger warns on every report (the JSON/CSV logs keep them).
-    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     storage_path = args.storage_path or os.path.join(output, "tune")

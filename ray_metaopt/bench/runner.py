@@ -234,9 +234,6 @@ class Runner:
 
         recorder = _recorder_class()(self.size.eval_interval)
         started = time.monotonic()
-        # The trainable reports each interval's decisions as a list; TensorBoard's logger would
-        # warn about it on every report (the JSON/CSV logs keep them).
-        logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
         tuner = tune.Tuner(
             tune.with_resources(metaopt_trainable, self._resources(cpus)),
             param_space=dict(param_space),

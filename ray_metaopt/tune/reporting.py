@@ -252,6 +252,20 @@ def reporter_for(wrapper: OptimizerWrapper, *, prefix: str | None = None) -> Met
     return reporter
 
 
+def tune_result(result: Mapping[str, Any]) -> dict[str, Any]:
+    """``result`` as it goes to ``tune.report``: lists of dicts (``meta/decisions``,
+    ``config_overrides``) become tuples.
+
+    Tune's TensorBoard logger logs every non-empty list as a histogram and warns about a list of
+    dicts; it leaves tuples alone, while the JSON and CSV loggers and Tune callbacks read them as
+    they read lists.
+    """
+    return {
+        k: tuple(v) if isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v) else v
+        for k, v in result.items()
+    }
+
+
 def report_metrics(
     wrapper: OptimizerWrapper,
     metrics: Mapping[str, Any],
@@ -298,7 +312,7 @@ def report_metrics(
         checkpoint = (
             tune.Checkpoint.from_directory(os.fspath(checkpoint_dir)) if checkpoint_dir is not None else None
         )
-        tune.report(result, checkpoint=checkpoint)
+        tune.report(tune_result(result), checkpoint=checkpoint)
     return result
 
 

@@ -22,7 +22,7 @@ from .builders import (
     resolve_config,
     trial_meta_defaults,
 )
-from .reporting import MetricsReporter, load_checkpoint, reporter_for, save_checkpoint
+from .reporting import MetricsReporter, load_checkpoint, reporter_for, save_checkpoint, tune_result
 from .tasks import make_task
 
 ReportFn = Callable[[dict, "str | None"], None]
@@ -267,7 +267,7 @@ def _report_to_tune(result: dict, checkpoint_dir: str | None) -> None:
     from ray import tune
 
     checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
-    tune.report(result, checkpoint=checkpoint)
+    tune.report(tune_result(result), checkpoint=checkpoint)
 
 
 def metaopt_trainable(config: dict) -> None:

@@ -488,6 +488,50 @@ def test_changed_strategy_type_starts_fresh(tmp_path):
 # ----------------------------------------------------------------------------- under Tune
 @pytest.mark.ray
 @pytest.mark.slow
+def test_tunes_own_loggers_take_the_results_without_warnings(ray_session, tmp_path):
+    # Tune's TensorBoard logger tries to log every non-empty list as a histogram and warns (once
+    # per process) about lists of dicts such as `meta/decisions`; the JSON logger keeps them.
+    import json
+    import logging
+
+    from ray import tune
+    from ray.util.debug import reset_log_once
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Collect()
+    tbx_logger = logging.getLogger("ray.tune.logger.tensorboardx")
+    tbx_logger.addHandler(handler)
+    reset_log_once("invalid_tbx_value")
+    try:
+        analysis = tune.run(
+            metaopt_trainable,
+            config=_config(max_steps=60),
+            storage_path=str(tmp_path),
+            verbose=0,
+        )
+    finally:
+        tbx_logger.removeHandler(handler)
+    assert [m for m in handler.messages if "invalid value" in m] == []
+    trial = analysis.trials[0]
+    assert trial.status == "TERMINATED" and trial.last_result["meta/num_decisions"] >= 2
+    assert list(trial.last_result["meta/decisions"]) and "lr" in trial.last_result["meta/decisions"][0]["hparam"]
+    events = [p for p in os.listdir(trial.local_path) if p.startswith("events.out.tfevents")]
+    assert events  # TensorBoard got the scalars
+    with open(os.path.join(trial.local_path, "result.json")) as f:
+        logged = [json.loads(line) for line in f]
+    decisions = [d for r in logged for d in r["meta/decisions"]]  # the JSON log keeps every decision
+    assert len(decisions) == trial.last_result["meta/num_decisions"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_tune_run_strategies_errors_and_fake_gpus(ray_session, tmp_path):
     from ray import tune
 
