@@ -197,6 +197,8 @@ class Arm:
             need the trained policy, the replay needs the RL arm's trajectories).
         config: the trainable config's arm-specific part for an :class:`ArmContext`.
         population: PBT population size.
+        needs: a module the arm's optimizer comes from (extra ``bench``); the arm is skipped,
+            and says so, where it is not installed.
     """
 
     name: str
@@ -206,6 +208,11 @@ class Arm:
     phase: str
     config: ConfigFn = field(compare=False)
     population: int = 0
+    needs: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.needs is None or importlib.util.find_spec(self.needs) is not None
 
 
 def _strategy(name: str) -> str:
@@ -227,26 +234,6 @@ def moe_task_accepts(key: str) -> bool:
     return key in inspect.signature(MoETask).parameters
 
 
-def optional_lr_free_optimizer() -> tuple[str | None, str]:
-    """``(optimizer path, note)`` of the learning-rate-free arm; path ``None`` when unavailable."""
-    if importlib.util.find_spec("prodigyopt") is not None:
-        return "prodigyopt:Prodigy", "Prodigy (prodigyopt), lr=1.0 with cosine annealing as its authors recommend"
-    return None, (
-        "skipped: `prodigyopt` (Prodigy, a learning-rate-free optimizer) is not installed here "
-        "(`pip install 'ray_metaopt[bench]'`)"
-    )
-
-
-def schedule_free_available() -> bool:
-    """Whether the schedule-free arms can run (the ``schedulefree`` package, extra ``bench``)."""
-    return importlib.util.find_spec("schedulefree") is not None
-
-
-SCHEDULE_FREE_SKIPPED = (
-    "skipped: the `schedulefree` package is not installed here (`pip install 'ray_metaopt[bench]'`)"
-)
-
-
 def _schedule_free(ctx: ArmContext, **extra: Any) -> dict[str, Any]:
     """Schedule-free AdamW (Defazio et al. 2024) at ``ctx.lr``, with a linear warmup over 5% of the run."""
     warmup = max(1, round(0.05 * ctx.size.max_steps[ctx.task]))
@@ -265,7 +252,8 @@ GENERIC_ARMS: tuple[Arm, ...] = (
         lambda ctx: {"meta": "none", "schedule": "cosine"}),
     Arm("schedule_free", "baseline",
         "schedule-free AdamW (no lr schedule; 5% linear warmup; evaluated at its averaged weights); "
-        "tuned over the lr grid", "tune", "main", lambda ctx: {**_schedule_free(ctx), "meta": "none"}),
+        "tuned over the lr grid", "tune", "main", lambda ctx: {**_schedule_free(ctx), "meta": "none"},
+        needs="schedulefree"),
     Arm("reduce_on_plateau", "baseline",
         "torch ReduceLROnPlateau on val_loss once per evaluation (torch defaults: factor 0.1, threshold 1e-4 rel; "
         "patience in evaluations scaled to the run)", "sweep", "main",
@@ -274,7 +262,7 @@ GENERIC_ARMS: tuple[Arm, ...] = (
         "sweep", "main", lambda ctx: {"meta": "plateau", "meta_config": _plateau_config(ctx)}),
     Arm("schedule_free_plateau", "heuristic",
         "PlateauMetaOptimizer on top of schedule-free AdamW (the plateau arm's settings)", "sweep", "main",
-        lambda ctx: _schedule_free(ctx, meta="plateau", meta_config=_plateau_config(ctx))),
+        lambda ctx: _schedule_free(ctx, meta="plateau", meta_config=_plateau_config(ctx)), needs="schedulefree"),
     Arm("advanced_plateau", "heuristic",
         "AdvancedPlateauMetaOptimizer (plateau + trend + warmup + grad-norm weight decay), the CLI's settings",
         "sweep", "main",
@@ -346,7 +334,14 @@ MOE_ARMS: tuple[Arm, ...] = (
 
 OPTIONAL_ARM = Arm("lr_free", "optional",
                    "learning-rate-free Prodigy at lr=1.0 with a cosine decay over the run, as its authors recommend",
-                   "default", "main", lambda ctx: {"meta": "none", "schedule": "cosine"})
+                   "default", "main",
+                   lambda ctx: {
+                       "optimizer": "prodigyopt:Prodigy",
+                       "optimizer_config": {"lr": ctx.lr, "weight_decay": 1e-4},
+                       "meta": "none",
+                       "schedule": "cosine",
+                   },
+                   needs="prodigyopt")
 
 ALL_ARMS: tuple[Arm, ...] = GENERIC_ARMS + (pbt_arm(4), pbt_arm(8)) + MOE_ARMS + (OPTIONAL_ARM,)
 ARMS_BY_NAME = {a.name: a for a in ALL_ARMS}
@@ -358,14 +353,14 @@ def arms_for(task: str, size: SuiteSize) -> list[Arm]:
     for arm in GENERIC_ARMS:
         if arm.family in ("rl", "rl_control") and task not in size.rl_tasks:
             continue
-        if arm.name.startswith("schedule_free") and not schedule_free_available():
+        if not arm.available:
             continue
         arms.append(arm)
         if arm.name == "advanced_plateau" and task in size.pbt_tasks:
             arms.extend(pbt_arm(p) for p in size.pbt_populations)
     if task in size.moe_tasks:
         arms.extend(a for a in MOE_ARMS if a.name != "moe_z_loss" or moe_task_accepts("z_loss_weight"))
-    if optional_lr_free_optimizer()[0] is not None:
+    if OPTIONAL_ARM.available:
         arms.append(OPTIONAL_ARM)
     return arms
 
@@ -385,12 +380,10 @@ def skipped_arms(task: str, size: SuiteSize) -> list[tuple[str, str]]:
             why = f"PBT runs only on {list(size.pbt_tasks)} at the {size.name} size"
         elif arm.family in ("rl", "rl_control"):
             why = f"the RL protocol runs only on {list(size.rl_tasks)} at the {size.name} size"
-        elif arm.name.startswith("schedule_free"):
-            why = SCHEDULE_FREE_SKIPPED
+        elif not arm.available:
+            why = f"skipped: `{arm.needs}` is not installed here (`pip install 'ray_metaopt[bench]'`)"
         elif arm.name == "moe_z_loss":
             why = "the MoE task has no z_loss_weight option in this version"
-        elif arm.family == "optional":
-            why = optional_lr_free_optimizer()[1]
         else:
             why = "not applicable"
         out.append((arm.name, why))
@@ -424,9 +417,5 @@ def trial_config(arm: Arm, ctx: ArmContext, *, phase: str | None = None) -> dict
         "meta_config": {},
         **specific,
     }
-    if arm.family == "optional":
-        path, _ = optional_lr_free_optimizer()
-        config["optimizer"] = path
-        config["optimizer_config"] = {"lr": 1.0, "weight_decay": 1e-4}
     config["_bench"] = {"arm": arm.name, "task": ctx.task, "lr": ctx.lr, "seed": ctx.seed, "phase": phase or arm.phase}
     return config
