@@ -24,7 +24,7 @@ from ray_metaopt.tune.tasks import (
     task_factory,
 )
 
-BUILTINS = ["digits", "moe", "sequence", "teacher_student"]
+BUILTINS = ["charlm", "digits", "digits_cnn", "mnist1d", "moe", "sequence", "teacher_student"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -227,7 +227,7 @@ def test_scale_knob_widens_models():
         ("moe", {"z_loss_weight": -1e-3}, ValueError, r"z_loss_weight must be in \[0, inf\]"),
         ("sequence", {"seq_len": 2, "delay": 2}, ValueError, "seq_len must be >= 3"),
         ("digits", {"val_fraction": 1.0}, ValueError, "val_fraction must be in"),
-        ("nope", {}, ValueError, r"task must be one of \['digits', 'moe', 'sequence', 'teacher_student'"),
+        ("nope", {}, ValueError, r"task must be one of \['charlm', 'digits', 'digits_cnn', 'mnist1d', 'moe', 'sequence', 'teacher_student'"),
     ],
 )
 def test_bad_task_configs(name, config, error, match):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -161,3 +162,42 @@ class Task(abc.ABC):
 def check_scale(scale: Any) -> int:
     """Validate the size knob every built-in task takes (1 = CI size; larger for GPUs)."""
     return check_int("scale", scale, minimum=1)
+
+
+class Throughput:
+    """Training throughput between evaluations, for tasks to report (``samples_per_s``...).
+
+    A task calls :meth:`count` in ``training_step`` with the samples (and tokens) it drew and
+    :meth:`read` in ``evaluate``: the rates are over the wall time since the previous
+    :meth:`read` (or the first :meth:`count`), so they include backward, the optimizer and the
+    meta-optimizer, not just the forward pass. Before any step both rates read 0.0. Wall-clock
+    based: not part of what a seed determines.
+
+    Example:
+        >>> meter = Throughput()
+        >>> meter.count(64, tokens=64 * 128)
+        >>> sorted(meter.read())
+        ['samples_per_s', 'tokens_per_s']
+    """
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._samples = 0
+        self._tokens = 0
+
+    def count(self, samples: int, *, tokens: int = 0) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+        self._samples += samples
+        self._tokens += tokens
+
+    def read(self, *, tokens: bool = False) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = now - self._since if self._since is not None else 0.0
+        rate = (lambda n: float(n / elapsed)) if elapsed > 0 else (lambda n: 0.0)
+        out = {"samples_per_s": rate(self._samples)}
+        if tokens:
+            out["tokens_per_s"] = rate(self._tokens)
+        self._since = now if self._since is not None else None
+        self._samples = self._tokens = 0
+        return out

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..._validation import check_int, check_range
-from .base import Task, TaskStep, check_scale
+from .base import Task, TaskStep, Throughput, check_scale
 
 
 def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +20,13 @@ def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
         ) from exc
     data = load_digits()
     return torch.tensor(data.data, dtype=torch.float32) / 16.0, torch.tensor(data.target, dtype=torch.long)
+
+
+def split_indices(n: int, val_fraction: float, data_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` indices: a random split of ``range(n)`` by ``data_seed``, disjoint."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(data_seed))
+    n_val = max(1, int(round(val_fraction * n)))
+    return order[n_val:], order[:n_val]
 
 
 class DigitsTask(Task):
@@ -68,9 +75,7 @@ class DigitsTask(Task):
         self.val_fraction = check_range("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         self.data_seed = check_int("data_seed", data_seed, minimum=0)
         x, y = load_digits_arrays()
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.data_seed))
-        n_val = max(1, int(round(self.val_fraction * len(y))))
-        val, train = order[:n_val], order[n_val:]
+        train, val = split_indices(len(y), self.val_fraction, self.data_seed)
         self.x_train, self.y_train = x[train].to(self.device), y[train].to(self.device)
         self.x_val, self.y_val = x[val].to(self.device), y[val].to(self.device)
 
@@ -100,3 +105,71 @@ class DigitsTask(Task):
 
     def info(self) -> dict[str, float]:
         return {"train_size": float(len(self.y_train)), "val_size": float(len(self.y_val))}
+
+
+class _DigitsCNN(nn.Module):
+    def __init__(self, channels: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, kernel_size=3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, kernel_size=3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+        )
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * channels * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x.view(-1, 1, 8, 8)).flatten(1)))
+
+
+class DigitsCNNTask(DigitsTask):
+    """A small 2-D CNN on scikit-learn's 8x8 digits (same data and split as :class:`DigitsTask`).
+
+    Two 3x3 convolutions (``channels`` and ``2 * channels``), a 2x2 max-pool and a linear head.
+    Reports ``digits_cnn/val_accuracy`` and ``digits_cnn/samples_per_s`` (training throughput
+    since the last evaluation).
+
+    Args:
+        channels: channels of the first convolution (times ``scale``).
+        dropout: dropout before the head (0 disables it).
+        val_fraction: share of the images held out for validation.
+        scale: size knob: 1 for CI on CPUs, larger for a GPU.
+        data_seed: seed of the train/validation split.
+        seed: the trial's seed (init, batch order, dropout).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Example:
+        >>> task = DigitsCNNTask(seed=0, device="cpu")
+        >>> task.training_step(task.build_model(), batch_size=8).loss.backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int = 16,
+        dropout: float = 0.0,
+        val_fraction: float = 0.25,
+        scale: int = 1,
+        data_seed: int = 0,
+        seed: int = 0,
+        device: str | torch.device | None = "auto",
+    ) -> None:
+        super().__init__(
+            dropout=dropout, val_fraction=val_fraction, scale=scale, data_seed=data_seed, seed=seed, device=device
+        )
+        self.channels = check_int("channels", channels, minimum=1) * self.scale
+        self.throughput = Throughput()
+
+    def build_model(self) -> nn.Module:
+        with self.seeded():
+            model = _DigitsCNN(self.channels, self.num_classes, self.dropout)
+        return model.to(self.device)
+
+    def training_step(self, model: nn.Module, batch_size: int) -> TaskStep:
+        step = super().training_step(model, batch_size)
+        self.throughput.count(batch_size)
+        return step
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {**super().evaluate(model), **self.throughput.read()}
