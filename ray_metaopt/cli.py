@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("teacher_student", "moe", "digits", "sequence")
+TASKS = ("teacher_student", "moe", "digits", "sequence", "charlm", "mnist1d", "digits_cnn")
 DEFAULT_STRATEGIES = ("none", "cosine", "plateau", "advanced_plateau", "rl")
 
 
