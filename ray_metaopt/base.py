@@ -10,14 +10,15 @@ strategy.
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
-from ._validation import check_int, check_range
+from ._validation import check_int, check_range, check_real
 from .frequency import AdaptiveFrequency
-from .metrics import first_non_finite
+from .metrics import MissingMetricError, first_non_finite
 
 BoundSpec = float | Sequence[float] | Mapping[str, float] | None
 
@@ -57,14 +58,22 @@ class HParamUpdate:
     reason: str
 
 
-def _check_bound_spec(name: str, spec: BoundSpec) -> BoundSpec:
+def _check_bound(name: str, value: Any, finite: bool) -> float:
+    value = check_range(name, value, 0.0)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {name}={value!r}")
+    return value
+
+
+def _check_bound_spec(name: str, spec: BoundSpec, *, finite: bool = False) -> BoundSpec:
+    """Check a bound in any of its forms; ``finite`` for lower bounds (a bound of inf would be written)."""
     if spec is None:
         return None
     if isinstance(spec, Mapping):
-        return {str(k): check_range(f"{name}[{k!r}]", v, 0.0) for k, v in spec.items()}
+        return {str(k): _check_bound(f"{name}[{k!r}]", v, finite) for k, v in spec.items()}
     if isinstance(spec, (list, tuple)):
-        return [check_range(f"{name}[{i}]", v, 0.0) for i, v in enumerate(spec)]
-    return check_range(name, spec, 0.0)
+        return [_check_bound(f"{name}[{i}]", v, finite) for i, v in enumerate(spec)]
+    return _check_bound(name, spec, finite)
 
 
 def _resolve_bound(spec: BoundSpec, group: GroupState, default: float) -> float:
@@ -118,8 +127,10 @@ class MetaOptimizer(abc.ABC):
         adaptive_frequency: AdaptiveFrequency | Mapping[str, Any] | None = None,
     ) -> None:
         self.update_frequency = check_int("update_frequency", update_frequency, minimum=1)
-        self.min_lr = _check_bound_spec("min_lr", min_lr)
+        self.min_lr = _check_bound_spec("min_lr", min_lr, finite=True)
         self.max_lr = _check_bound_spec("max_lr", max_lr)
+        if isinstance(self.min_lr, float) and isinstance(self.max_lr, float) and self.min_lr > self.max_lr:
+            raise ValueError(f"min_lr must be <= max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
         self.max_weight_decay = _check_bound_spec("max_weight_decay", max_weight_decay)
         self.adaptive_frequency = AdaptiveFrequency.from_config(adaptive_frequency)
         self._reset_schedule()
@@ -130,10 +141,23 @@ class MetaOptimizer(abc.ABC):
         self.next_update_step = self.update_frequency - 1
         self.last_update_step: int | None = None
         self._last_monitored: float | None = None
+        self._retry = False
 
     def should_update(self, step: int) -> bool:
-        """Whether a decision is due at ``step`` (0-based; the first comes after ``update_frequency`` steps)."""
-        return step >= self.next_update_step
+        """Whether a decision is due at ``step`` (0-based; the first comes after ``update_frequency`` steps).
+
+        A pure question about ``step``: due at ``next_update_step`` and every ``interval`` steps
+        after it until a decision is made (a missed step does not make every later step due).
+        The one exception: after a decision was skipped for a non-finite metric
+        (:meth:`decision_skipped`), every step from ``next_update_step`` on is due until one decides.
+        """
+        if step < self.next_update_step:
+            return False
+        return self._retry or (step - self.next_update_step) % self.interval == 0
+
+    def decision_skipped(self, step: int) -> None:
+        """Record that the decision due at ``step`` was skipped (non-finite metrics): retry next step."""
+        self._retry = True
 
     # ----------------------------------------------------------------- deciding
     def update_hparams(
@@ -145,10 +169,38 @@ class MetaOptimizer(abc.ABC):
         decision (no state changes, empty list) and the next step is due again.
         """
         if first_non_finite(metrics) is not None:
+            self.decision_skipped(step)
             return []
-        updates = list(self.decide(metrics, step, groups))
+        if getattr(self, "_atomic_outside", False):  # the caller restores the state on failure
+            return self._decide_and_schedule(metrics, step, groups)
+        with self.atomic():
+            return self._decide_and_schedule(metrics, step, groups)
+
+    def _decide_and_schedule(
+        self, metrics: Mapping[str, float], step: int, groups: Sequence[GroupState]
+    ) -> list[HParamUpdate]:
+        try:
+            updates = list(self.decide(metrics, step, groups))
+        except MissingMetricError:
+            raise
+        except KeyError as e:
+            key = e.args[0] if e.args else None
+            message = key if isinstance(key, str) and " " in key else f"metric {key!r} is missing"
+            raise MissingMetricError(
+                f"{message} (metrics at step {step}: {sorted(metrics)})", key
+            ) from e
         self._schedule_after(metrics, step)
         return updates
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Restore this strategy's state when the block raises: a decision applies fully or not at all."""
+        snapshot = self.state_dict()
+        try:
+            yield
+        except BaseException:
+            self.load_state_dict(snapshot)
+            raise
 
     @abc.abstractmethod
     def decide(
@@ -165,6 +217,7 @@ class MetaOptimizer(abc.ABC):
             self._last_monitored = current
         self.last_update_step = step
         self.next_update_step = step + self.interval
+        self._retry = False
 
     # ----------------------------------------------------------------- bounds
     def lr_bounds(self, group: GroupState) -> tuple[float, float]:
@@ -175,6 +228,11 @@ class MetaOptimizer(abc.ABC):
 
     def check_groups(self, groups: Sequence[GroupState]) -> None:
         """Raise ``ValueError`` when per-group settings do not match the optimizer's param groups."""
+        for g in groups:
+            low, high = self.lr_bounds(g)
+            if low > high:
+                label = f"param group {g.index}" + (f" ({g.name!r})" if g.name else "")
+                raise ValueError(f"min_lr must be <= max_lr, got min_lr={low!r} > max_lr={high!r} for {label}")
         names = {g.name for g in groups} | {g.role for g in groups} | {"default"}
         for arg in ("min_lr", "max_lr", "max_weight_decay"):
             spec = getattr(self, arg)
@@ -209,22 +267,43 @@ class MetaOptimizer(abc.ABC):
             "next_update_step": self.next_update_step,
             "last_update_step": self.last_update_step,
             "last_monitored": self._last_monitored,
+            "retry": self._retry,
             "state": self._learning_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output; everything is checked first, so a rejected state changes nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping from state_dict(), got state={state!r}")
         if state.get("type") != type(self).__name__:
             raise ValueError(
                 f"state_dict is for {state.get('type')!r}, cannot load it into {type(self).__name__}"
             )
-        self.interval = int(state["interval"])
-        self.next_update_step = int(state["next_update_step"])
-        self.last_update_step = state["last_update_step"]
-        self._last_monitored = state["last_monitored"]
-        for attr, value in state["state"].items():
+        missing = [k for k in ("interval", "next_update_step", "last_update_step", "last_monitored", "state") if k not in state]
+        if missing:
+            raise ValueError(f"{type(self).__name__} state_dict lacks {missing}")
+        learning = state["state"]
+        if not isinstance(learning, Mapping):
+            raise ValueError(f"{type(self).__name__} state_dict['state'] must be a mapping, got {learning!r}")
+        for attr in learning:
             if attr not in self._state_attrs:
                 raise ValueError(f"unexpected entry {attr!r} in {type(self).__name__} state_dict")
-            setattr(self, attr, copy.deepcopy(value))
+        interval = check_int("state_dict['interval']", state["interval"], minimum=1)
+        next_update_step = check_int("state_dict['next_update_step']", state["next_update_step"])
+        last = state["last_update_step"]
+        if last is not None:
+            last = check_int("state_dict['last_update_step']", last)
+        monitored = state["last_monitored"]
+        if monitored is not None:
+            monitored = check_real("state_dict['last_monitored']", monitored)
+        learning = copy.deepcopy(dict(learning))
+        self.interval = interval
+        self.next_update_step = next_update_step
+        self.last_update_step = last
+        self._last_monitored = monitored
+        self._retry = bool(state.get("retry", False))
+        for attr, value in learning.items():
+            setattr(self, attr, value)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(update_frequency={self.update_frequency})"

@@ -181,11 +181,10 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
         bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
         if bad is not None:
             self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]} (mean over ranks)"))
+            self.meta_optimizer.decision_skipped(step)
             applied: list[Decision] = []
         else:
-            groups = self.group_states()
-            updates = self.meta_optimizer.update_hparams(values, step, groups)
-            applied = self.apply_updates(updates, step, groups)
+            applied = self._decide_and_apply(values, step)
         new_skipped = self.log.num_skipped - skipped_before
         skipped = self.log.skipped[-new_skipped:] if new_skipped else []
         touched = {d.hparam for d in applied}
@@ -202,6 +201,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
                 "next_update_step": meta.next_update_step,
                 "last_update_step": meta.last_update_step,
                 "last_monitored": meta._last_monitored,
+                "retry": meta._retry,
             },
         }
         if self.sync_state:
@@ -241,6 +241,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
         meta.next_update_step = schedule["next_update_step"]
         meta.last_update_step = schedule["last_update_step"]
         meta._last_monitored = schedule["last_monitored"]
+        meta._retry = schedule.get("retry", False)
         return decisions
 
     def __repr__(self) -> str:

@@ -50,6 +50,8 @@ class AdaptiveFrequency:
         self.factor = check_range("factor", factor, 1.0, math.inf, low_open=True, high_open=True)
         if not isinstance(monitor, str):
             raise TypeError(f"monitor must be a metric name (str), got monitor={monitor!r}")
+        if not monitor:
+            raise ValueError(f"monitor must be a non-empty metric name, got monitor={monitor!r}")
         self.monitor = monitor
 
     def next_interval(self, interval: int, previous: float | None, current: float | None, steps: int) -> int:
@@ -57,8 +59,11 @@ class AdaptiveFrequency:
         if previous is None or current is None or steps <= 0:
             return min(max(interval, self.min_interval), self.max_interval)
         if previous > 0 and current > 0:
-            change = abs(math.log(current / previous))
+            # log(a) - log(b), not log(a / b): the ratio of finite metrics can under- or overflow
+            # (1e-300 / 1e300 == 0.0, a math domain error).
+            change = abs(math.log(current) - math.log(previous))
         else:
+            # Through or at zero: the change relative to the previous value (a change from 0 is fast).
             change = abs(current - previous) / (abs(previous) + 1e-12)
         rate = change / steps
         if rate > self.fast_change:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -59,6 +60,15 @@ class DecisionLog:
     """
 
     def __init__(self, max_records: int | None = 10_000) -> None:
+        if max_records is not None:
+            if isinstance(max_records, bool) or not isinstance(max_records, numbers.Integral):
+                raise TypeError(
+                    f"max_log_records must be an int >= 0 or None, got max_log_records={max_records!r} "
+                    f"({type(max_records).__name__})"
+                )
+            if max_records < 0:
+                raise ValueError(f"max_log_records must be >= 0 or None, got max_log_records={max_records!r}")
+            max_records = int(max_records)
         self._decisions: deque[Decision] = deque(maxlen=max_records)
         self._skipped: deque[SkippedDecision] = deque(maxlen=max_records)
         self.num_decisions = 0
@@ -98,9 +108,17 @@ class DecisionLog:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output; a malformed state raises and changes nothing."""
+        try:
+            decisions = [Decision(**d) for d in state["decisions"]]
+            skipped = [SkippedDecision(**s) for s in state["skipped"]]
+            num_decisions = int(state["num_decisions"])
+            num_skipped = int(state["num_skipped"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed decision log state: {e}") from e
         self._decisions.clear()
         self._skipped.clear()
-        self._decisions.extend(Decision(**d) for d in state["decisions"])
-        self._skipped.extend(SkippedDecision(**s) for s in state["skipped"])
-        self.num_decisions = int(state["num_decisions"])
-        self.num_skipped = int(state["num_skipped"])
+        self._decisions.extend(decisions)
+        self._skipped.extend(skipped)
+        self.num_decisions = num_decisions
+        self.num_skipped = num_skipped

@@ -18,8 +18,19 @@ from ._validation import check_choice
 REDUCTIONS = ("last", "mean")
 
 
+class MissingMetricError(KeyError, ValueError):
+    """A metric a strategy needs was not reported. A ``ValueError`` like every other bad metric
+    (and a ``KeyError``, for code written against earlier versions)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing metric"
+
+
 def check_metrics(metrics: Any) -> Mapping[str, Any]:
-    """Type-check a metrics mapping (cheap: never reads a tensor's value)."""
+    """Type-check a metrics mapping (cheap: never reads a tensor's value).
+
+    Raises ``TypeError`` / ``ValueError`` naming the metric; nothing is accumulated on a rejected call.
+    """
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping of name to number, got metrics={metrics!r}")
     for key, value in metrics.items():
@@ -31,12 +42,31 @@ def check_metrics(metrics: Any) -> Mapping[str, Any]:
                     f"metric {key!r} must be a number or a one-element tensor, "
                     f"got a tensor of shape {tuple(value.shape)}"
                 )
+            if value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(
+                    f"metric {key!r} must be a real number or a real one-element tensor, "
+                    f"got a tensor of dtype {value.dtype}"
+                )
+            if value.device.type == "meta":
+                raise ValueError(f"metric {key!r} is a tensor on the meta device, which has no value")
         elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(
                 f"metric {key!r} must be a number or a one-element tensor, "
                 f"got {key}={value!r} ({type(value).__name__})"
             )
+        else:
+            try:
+                float(value)
+            except (OverflowError, ValueError) as e:
+                raise ValueError(
+                    f"metric {key!r} does not fit a float, got {key}={_short(value)} ({type(value).__name__})"
+                ) from e
     return metrics
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} chars)"
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -75,11 +105,16 @@ class MetricAccumulator:
     def add(self, metrics: Mapping[str, Any]) -> None:
         if self.reduction == "last":
             for key, value in metrics.items():
-                self._values[key] = value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
+                if isinstance(value, torch.Tensor):
+                    self._values[key] = value.detach() if value.requires_grad else value
+                else:
+                    self._values[key] = float(value)
             return
         for key, value in metrics.items():
             if isinstance(value, torch.Tensor):
                 value = value.detach().to(torch.float64 if value.device.type == "cpu" else torch.float32)
+            else:
+                value = float(value)
             if key in self._values:
                 self._values[key] = self._values[key] + value
                 self._counts[key] += 1
@@ -100,10 +135,27 @@ class MetricAccumulator:
     def __len__(self) -> int:
         return len(self._values)
 
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """The accumulated values as they are now, for :meth:`restore` (values are never mutated in place)."""
+        return dict(self._values), dict(self._counts)
+
+    def restore(self, snapshot: tuple[dict[str, Any], dict[str, int]]) -> None:
+        self._values, self._counts = dict(snapshot[0]), dict(snapshot[1])
+
     def state_dict(self) -> dict[str, Any]:
         return {"reduction": self.reduction, "values": to_floats(self._values), "counts": dict(self._counts)}
 
+    @staticmethod
+    def check_state_dict(state: Any) -> tuple[str, dict[str, float], dict[str, int]]:
+        """Check a :meth:`state_dict` without loading it; returns what :meth:`load_state_dict` sets."""
+        if not isinstance(state, Mapping) or not {"reduction", "values", "counts"} <= set(state):
+            raise ValueError(f"metric accumulator state must have reduction, values and counts, got {state!r}")
+        reduction = check_choice("metric_reduction", state["reduction"], REDUCTIONS)
+        values, counts = state["values"], state["counts"]
+        if not isinstance(values, Mapping) or not isinstance(counts, Mapping):
+            raise ValueError(f"metric accumulator values and counts must be mappings, got {values!r}, {counts!r}")
+        check_metrics(values)
+        return reduction, to_floats(values), {str(k): int(v) for k, v in counts.items()}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.reduction = check_choice("metric_reduction", state["reduction"], REDUCTIONS)
-        self._values = dict(state["values"])
-        self._counts = dict(state["counts"])
+        self.reduction, self._values, self._counts = self.check_state_dict(state)

@@ -20,6 +20,27 @@ def _value(x: Any) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def _stored_within(current: Any, value: float, low: float, high: float) -> float | None:
+    """The value a write of ``value`` stores into ``current``'s type, kept within ``[low, high]``.
+
+    A Python float stores ``value`` as it is. A tensor stores it in its own dtype (a float32 lr
+    rounds ``1e-4`` down to ``9.9999997e-05``): the stored value is moved to the next
+    representable one inside the bounds. ``None`` when no finite stored value lies within them.
+    """
+    if not isinstance(current, torch.Tensor):
+        return value
+    dtype = current.dtype if current.is_floating_point() else torch.float64
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) < low:
+        t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
+    elif float(t) > high:
+        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+    stored = float(t)
+    if not (math.isfinite(stored) and low <= stored <= high):
+        return None
+    return stored
+
+
 class OptimizerWrapper(torch.optim.Optimizer):
     """Wraps a ``torch.optim.Optimizer`` and applies a :class:`MetaOptimizer`'s decisions to it.
 
@@ -74,9 +95,9 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 f"meta_optimizer must be a MetaOptimizer, got meta_optimizer={meta_optimizer!r} "
                 f"({type(meta_optimizer).__name__})"
             )
+        self.log = DecisionLog(max_log_records)
         self.optimizer = optimizer
         self.meta_optimizer = meta_optimizer
-        self.log = DecisionLog(max_log_records)
         self._metrics = MetricAccumulator(metric_reduction)
         self._schedulers: list[Any] = []
         self._step_count = 0
@@ -112,21 +133,40 @@ class OptimizerWrapper(torch.optim.Optimizer):
             raise AttributeError(name)
         return getattr(self.optimizer, name)
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        # The wrapped optimizer's step already runs torch's profiling record and the global step
-        # hooks; the wrapper runs only the hooks registered on itself, so nothing fires twice.
-        args: tuple[Any, ...] = ()
-        kwargs: dict[str, Any] = {} if closure is None else {"closure": closure}
-        for pre_hook in self._optimizer_step_pre_hooks.values():
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                args, kwargs = result
-        out = self.optimizer.step(*args, **kwargs)
-        for post_hook in self._optimizer_step_post_hooks.values():
-            post_hook(self, args, kwargs)
-        return out
+    def _step(self, closure: Callable[[], float] | None = None) -> Any:
+        return self._inner_step(closure)
 
+    # torch's own step decorator: profiler record, then global pre hooks, the wrapper's pre hooks,
+    # the step, the wrapper's post hooks and the global post hooks, each called with the wrapper.
+    step = torch.optim.Optimizer.profile_hook_step(_step)
     step.hooked = True  # type: ignore[attr-defined]  # keeps torch's _patch_step_function off it
+
+    def _inner_step(self, closure: Callable[[], float] | None) -> Any:
+        """The wrapped optimizer's step with its own hooks, without the global hooks a second time
+        (they ran once, with the wrapper, around this call)."""
+        inner = self.optimizer
+        kwargs: dict[str, Any] = {} if closure is None else {"closure": closure}
+        bound = inner.step
+        raw = getattr(type(inner).step, "__wrapped__", None)
+        if raw is None or not getattr(type(inner).step, "hooked", False):
+            return bound(**kwargs)  # a step torch did not decorate: nothing global runs in it
+        args: tuple[Any, ...] = (inner,)
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+            for pre_hook in inner._optimizer_step_pre_hooks.values():
+                result = pre_hook(inner, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{pre_hook} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                        )
+                    args, kwargs = result
+            out = raw(*args, **kwargs)
+            inner._optimizer_step_code()
+            for post_hook in inner._optimizer_step_post_hooks.values():
+                post_hook(inner, args, kwargs)
+        if hasattr(bound, "_wrapped_by_lr_sched"):
+            inner._opt_called = True  # what a scheduler built on the inner optimizer checks
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -134,6 +174,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
         self._record_initial_values()
+        self.meta_optimizer.check_groups(self.group_states())
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -198,16 +239,36 @@ class OptimizerWrapper(torch.optim.Optimizer):
         Returns:
             The decisions applied now (empty on most steps).
         """
-        step, values = self._collect(metrics, step)
-        if values is None:
-            return []
-        bad = first_non_finite(values)
-        if bad is not None:
-            self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]}"))
-            return []
+        before = (self._step_count, self._metrics.snapshot())
+        try:
+            step, values = self._collect(metrics, step)
+            if values is None:
+                return []
+            bad = first_non_finite(values)
+            if bad is not None:
+                self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]}"))
+                self.meta_optimizer.decision_skipped(step)
+                return []
+            return self._decide_and_apply(values, step)
+        except BaseException:
+            # A rejected call changes nothing: the next call sees the wrapper as it was.
+            self._step_count = before[0]
+            self._metrics.restore(before[1])
+            raise
+
+    def _decide_and_apply(self, values: dict[str, float], step: int) -> list[Decision]:
+        """Decide on finite ``values`` and apply the result, all or nothing: when deciding or
+        applying raises, the strategy's state and the param groups are as they were."""
+        meta = self.meta_optimizer
         groups = self.group_states()
-        updates = self.meta_optimizer.update_hparams(values, step, groups)
-        return self.apply_updates(updates, step, groups)
+        with meta.atomic():
+            meta._atomic_outside = True
+            try:
+                updates = meta.update_hparams(values, step, groups)
+            finally:
+                meta._atomic_outside = False
+            plan = self._plan_updates(updates, step, groups)
+        return self._apply_plan(plan, step, groups)
 
     def _collect(self, metrics: Mapping[str, Any], step: int | None) -> tuple[int, dict[str, float] | None]:
         """Check and accumulate one step's metrics; at a decision step, also read them (the only
@@ -228,27 +289,39 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def apply_updates(
         self, updates: list[HParamUpdate], step: int, groups: list[GroupState] | None = None
     ) -> list[Decision]:
-        """Write proposals to ``param_groups`` within bounds, log them, and keep schedulers in step."""
+        """Write proposals to ``param_groups`` within bounds, log them, and keep schedulers in step.
+
+        Every proposal is checked before anything is written, so a bad one changes nothing.
+        """
         groups = self.group_states() if groups is None else groups
-        applied = []
+        return self._apply_plan(self._plan_updates(updates, step, groups), step, groups)
+
+    def _plan_updates(
+        self, updates: Sequence[HParamUpdate], step: int, groups: list[GroupState]
+    ) -> list[tuple[HParamUpdate, float | None, str | None]]:
+        """Check every proposal and work out the value each write stores (or why it is skipped)."""
+        name = type(self.meta_optimizer).__name__
+        plan = []
         for update in updates:
-            if not 0 <= update.group < len(self.param_groups):
+            if not isinstance(update, HParamUpdate):
+                raise TypeError(f"{name} proposed {update!r}, which is not an HParamUpdate")
+            if isinstance(update.group, bool) or not isinstance(update.group, int) or not 0 <= update.group < len(self.param_groups):
                 raise ValueError(
-                    f"{type(self.meta_optimizer).__name__} proposed a change to param group {update.group}, "
+                    f"{name} proposed a change to param group {update.group}, "
                     f"but the optimizer has {len(self.param_groups)} groups"
                 )
             group = self.param_groups[update.group]
             if update.hparam not in group:
                 raise ValueError(
-                    f"{type(self.meta_optimizer).__name__} proposed {update.hparam!r} for param group "
+                    f"{name} proposed {update.hparam!r} for param group "
                     f"{update.group}, which has no such hyperparameter"
                 )
-            value = float(update.value)
-            if not math.isfinite(value):
-                self.log.add_skipped(
-                    SkippedDecision(step, f"non-finite proposal {update.hparam}={value} for group {update.group}")
-                )
-                continue
+            try:
+                value = float(update.value)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise TypeError(
+                    f"{name} proposed {update.hparam}={update.value!r} for group {update.group}, not a number"
+                ) from e
             state = groups[update.group]
             if update.hparam == "lr":
                 low, high = self.meta_optimizer.lr_bounds(state)
@@ -256,7 +329,28 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 low, high = self.meta_optimizer.weight_decay_bounds(state)
             else:
                 low, high = -math.inf, math.inf
-            new = min(max(value, low), high)
+            if not math.isfinite(value):
+                plan.append((update, None, f"non-finite proposal {update.hparam}={value} for group {update.group}"))
+                continue
+            stored = _stored_within(group[update.hparam], min(max(value, low), high), low, high)
+            if stored is None:
+                plan.append((update, None, (
+                    f"proposal {update.hparam}={value} for group {update.group}: no finite value within "
+                    f"[{low}, {high}] can be stored in {group[update.hparam]!r}"
+                )))
+                continue
+            plan.append((update, stored, None))
+        return plan
+
+    def _apply_plan(
+        self, plan: list[tuple[HParamUpdate, float | None, str | None]], step: int, groups: list[GroupState]
+    ) -> list[Decision]:
+        applied = []
+        for update, new, skipped in plan:
+            if new is None:
+                self.log.add_skipped(SkippedDecision(step, str(skipped)))
+                continue
+            group = self.param_groups[update.group]
             old = _value(group[update.hparam])
             if new == old:
                 continue
@@ -266,7 +360,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 group[update.hparam] = new
             if update.hparam == "lr" and old > 0:
                 self._rescale_schedule(update.group, new / old)
-            decision = Decision(step, update.group, state.name, update.hparam, old, new, update.reason)
+            decision = Decision(step, update.group, groups[update.group].name, update.hparam, old, new, update.reason)
             self.log.add(decision)
             applied.append(decision)
         return applied
@@ -330,11 +424,16 @@ class OptimizerWrapper(torch.optim.Optimizer):
         return list(self.log)
 
     # ------------------------------------------------------------ checkpoints
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus the meta-optimizer's and the wrapper's state.
 
         Everything is tensors or plain data, so ``torch.load(path, weights_only=True)`` loads it.
+        Hooks registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as on any
+        optimizer (called with the wrapper; a post hook may return a new state dict).
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.optimizer.state_dict()
         state["meta_optimizer"] = self.meta_optimizer.state_dict()
         state["meta_wrapper"] = {
@@ -343,20 +442,79 @@ class OptimizerWrapper(torch.optim.Optimizer):
             "metrics": self._metrics.state_dict(),
             "log": self.log.state_dict(),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain optimizer state dict: then only
-        the wrapped optimizer is restored and the meta-optimizer keeps its state)."""
-        state = dict(state_dict)
+        the wrapped optimizer is restored and the meta-optimizer keeps its state).
+
+        Load pre hooks (which may return a new state dict) run first and load post hooks last, as
+        on any optimizer. Everything is checked before anything is written: a rejected state dict
+        raises and leaves the wrapper, its optimizer and its strategy as they were.
+        """
+        state = state_dict.copy()  # shallow, as torch does
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state)
+            if result is not None:
+                state = result
+        state = dict(state)
         meta_state = state.pop("meta_optimizer", None)
         wrapper_state = state.pop("meta_wrapper", None)
-        self.optimizer.load_state_dict(state)
+        wrapper_parsed = None if wrapper_state is None else self._check_wrapper_state(wrapper_state)
+        self._check_optimizer_state(state)
+        meta_before = self.meta_optimizer.state_dict()
         if meta_state is not None:
-            self.meta_optimizer.load_state_dict(meta_state)
-        if wrapper_state is not None:
-            self._step_count = int(wrapper_state["step_count"])
-            self._initial = [(float(lr), None if wd is None else float(wd)) for lr, wd in wrapper_state["initial"]]
-            self._metrics.load_state_dict(wrapper_state["metrics"])
-            self.log.load_state_dict(wrapper_state["log"])
+            self.meta_optimizer.load_state_dict(meta_state)  # checks everything before it writes
+        try:
+            self.optimizer.load_state_dict(state)
+        except BaseException:
+            self.meta_optimizer.load_state_dict(meta_before)
+            raise
+        if wrapper_parsed is not None:
+            step_count, initial, metrics, log_state = wrapper_parsed
+            self._step_count = step_count
+            self._initial = initial
+            self._metrics.reduction, self._metrics._values, self._metrics._counts = metrics
+            self.log.load_state_dict(log_state)
         self._record_initial_values()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_wrapper_state(self, wrapper_state: Any) -> tuple[Any, ...]:
+        """Parse the ``meta_wrapper`` entry without loading it (raises ``ValueError`` when malformed)."""
+        try:
+            step_count = int(wrapper_state["step_count"])
+            initial = [(float(lr), None if wd is None else float(wd)) for lr, wd in wrapper_state["initial"]]
+            metrics = MetricAccumulator.check_state_dict(wrapper_state["metrics"])
+            log_state = wrapper_state["log"]
+            DecisionLog(None).load_state_dict(log_state)  # a throwaway log: checks it
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"state_dict['meta_wrapper'] is malformed: {e}") from e
+        if step_count < 0:
+            raise ValueError(f"state_dict['meta_wrapper']['step_count'] must be >= 0, got {step_count}")
+        if len(initial) > len(self.param_groups):
+            raise ValueError(
+                f"state_dict['meta_wrapper'] records {len(initial)} param groups, the optimizer has {len(self.param_groups)}"
+            )
+        return step_count, initial, metrics, log_state
+
+    def _check_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """The checks ``torch.optim.Optimizer.load_state_dict`` makes before it writes, made first."""
+        if "param_groups" not in state or "state" not in state:
+            raise ValueError(f"state_dict must have 'state' and 'param_groups', got keys {sorted(state)}")
+        saved = state["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved)} parameter groups, the optimizer has {len(self.param_groups)}"
+            )
+        for i, (group, saved_group) in enumerate(zip(self.param_groups, saved)):
+            if len(group["params"]) != len(saved_group["params"]):
+                raise ValueError(
+                    f"loaded state dict's parameter group {i} has {len(saved_group['params'])} parameters, "
+                    f"the optimizer's has {len(group['params'])}"
+                )

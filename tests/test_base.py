@@ -102,3 +102,70 @@ def test_applier_keeps_hparams_finite_and_bounded(stream, proposals, as_tensor):
             assert math.isfinite(g["weight_decay"]) and 0.0 <= g["weight_decay"] <= 0.3
     for d in w.decisions:
         assert math.isfinite(d.new)
+
+
+# ---------------------------------------------------------------- issue 17: bounds and schedule
+@pytest.mark.parametrize("kwargs", [{"min_lr": math.inf}, {"min_lr": [1e-4, math.inf]}, {"min_lr": {"head": math.inf}}])
+def test_min_lr_must_be_finite(kwargs):
+    # min_lr=inf was accepted and the clamp then wrote lr=inf.
+    with pytest.raises(ValueError, match=r"min_lr.* must be finite, got min_lr.*=inf"):
+        ScaleEvery(**kwargs)
+
+
+def test_min_lr_above_max_lr_rejected_naming_both():
+    with pytest.raises(ValueError, match=r"min_lr must be <= max_lr, got min_lr=1.0, max_lr=0.01"):
+        ScaleEvery(min_lr=1.0, max_lr=0.01)
+
+
+def test_min_lr_above_max_lr_per_group_rejected_at_wrapping():
+    _, groups = two_group_model()
+    meta = ScaleEvery(min_lr={"head": 0.5}, max_lr=0.1)
+    with pytest.raises(ValueError, match=r"min_lr=0.5 > max_lr=0.1 for param group 1 \('head'\)"):
+        OptimizerWrapper(torch.optim.SGD(groups, lr=0.1), meta)
+
+
+def test_should_update_is_a_pure_question_per_step():
+    # update_frequency=5, no decision made: steps 4 and 9 of 0..9 are due, no others, and asking
+    # (twice) changes nothing. Before: every step from 4 on answered True.
+    meta = ScaleEvery(update_frequency=5)
+    assert [s for s in range(10) if meta.should_update(s)] == [4, 9]
+    assert [s for s in range(10) if meta.should_update(s)] == [4, 9]
+    assert meta.state_dict()["next_update_step"] == 4
+
+
+def test_should_update_retries_after_a_skipped_non_finite_decision():
+    meta = ScaleEvery(update_frequency=5)
+    assert meta.update_hparams({"loss": math.nan}, 4) == []
+    assert [s for s in range(4, 8) if meta.should_update(s)] == [4, 5, 6, 7]  # the documented exception
+    meta.update_hparams({"loss": 1.0}, 5)
+    assert [s for s in range(5, 16) if meta.should_update(s)] == [10, 15]
+    restored = ScaleEvery(update_frequency=5)
+    restored.load_state_dict(meta.state_dict())
+    assert [s for s in range(5, 16) if restored.should_update(s)] == [10, 15]
+
+
+def test_rejected_strategy_state_dict_changes_nothing():
+    meta = LossTracker(update_frequency=2)
+    meta.update_hparams({"loss": 1.0}, 1)
+    before = meta.state_dict()
+    bad = dict(before, interval="x")
+    with pytest.raises(TypeError, match="interval"):
+        meta.load_state_dict(bad)
+    bad = dict(before, state={"last": 5.0, "bogus": 1})
+    with pytest.raises(ValueError, match="bogus"):
+        meta.load_state_dict(bad)
+    assert meta.state_dict() == before
+
+
+def test_decision_that_raises_restores_the_strategy_state():
+    class Raises(LossTracker):
+        def decide(self, metrics, step, groups):
+            super().decide(metrics, step, groups)  # moves the state, then fails
+            return [] if metrics["loss"] < 10 else metrics["val_loss"]
+
+    meta = Raises()
+    meta.update_hparams({"loss": 1.0}, 0)
+    before = meta.state_dict()
+    with pytest.raises(ValueError, match=r"metric 'val_loss' is missing \(metrics at step 1: \['loss'\]\)"):
+        meta.update_hparams({"loss": 20.0}, 1)
+    assert meta.state_dict() == before

@@ -70,3 +70,37 @@ def test_bad_arguments(kwargs, error, match):
 def test_adaptive_frequency_type_check():
     with pytest.raises(TypeError, match="adaptive_frequency must be an AdaptiveFrequency"):
         ScaleEvery(adaptive_frequency=5)
+
+
+# ---------------------------------------------------------------- issue 17
+def test_extreme_finite_metrics_never_raise_a_math_error():
+    # 1e300 -> 1e-300: the ratio underflows to 0.0 and log(0.0) raised "math domain error".
+    rule = AdaptiveFrequency(min_interval=1, max_interval=64)
+    assert rule.next_interval(8, 1e300, 1e-300, 10) == 4
+    assert rule.next_interval(8, 1e-300, 1e300, 10) == 4
+    assert rule.next_interval(8, 5e-324, 1.7e308, 1) == 4
+    assert rule.next_interval(8, -1.7e308, 1.7e308, 1) == 4
+
+
+@pytest.mark.parametrize("previous, current", [(1.0, -1.0), (0.0, 1.0), (1.0, 0.0), (-2.0, -1.0)])
+def test_metric_crossing_or_touching_zero_counts_as_fast(previous, current):
+    rule = AdaptiveFrequency(min_interval=1, max_interval=64)
+    assert rule.next_interval(8, previous, current, 1) == 4
+
+
+def test_metric_flat_at_zero_counts_as_slow():
+    assert AdaptiveFrequency(max_interval=64).next_interval(8, 0.0, 0.0, 1) == 16
+
+
+def test_non_integer_factor_rounds_growth_up_and_shrink_down():
+    rule = AdaptiveFrequency(min_interval=1, max_interval=64, factor=1.5)
+    grown = [1]
+    for _ in range(4):
+        grown.append(rule.next_interval(grown[-1], 1.0, 1.0, 10))
+    assert grown == [1, 2, 3, 5, 8]  # ceil: it grows from 1 (floor would stay at 1 forever)
+    assert rule.next_interval(8, 1.0, 2.0, 1) == 5  # int(8 / 1.5) == 5
+
+
+def test_empty_monitor_rejected():
+    with pytest.raises(ValueError, match="monitor must be a non-empty metric name, got monitor=''"):
+        AdaptiveFrequency(monitor="")

@@ -45,3 +45,24 @@ def test_helpers():
     check_metrics({"a": np.float32(1.0), "b": np.int64(2)})
     with pytest.raises(TypeError, match="metric 'a' must be a number"):
         check_metrics({"a": np.zeros(3)})
+
+
+# ---------------------------------------------------------------- issue 17
+@pytest.mark.parametrize(
+    "metrics, error, match",
+    [
+        ({"loss": 1.0, "tokens": 10**400}, ValueError, r"metric 'tokens' does not fit a float"),
+        ({"loss": torch.tensor(1.0 + 2.0j)}, TypeError, r"metric 'loss' must be a real number .*complex"),
+        ({"ok": 1.0, "flag": torch.tensor(True)}, TypeError, r"metric 'flag' .*torch.bool"),
+    ],
+)
+def test_bad_metric_rejected_at_the_door_naming_the_key(metrics, error, match):
+    with pytest.raises(error, match=match):
+        check_metrics(metrics)
+
+
+def test_mean_accumulator_stores_python_numbers_as_floats():
+    acc = MetricAccumulator("mean")
+    acc.add({"n": 10**300})
+    acc.add({"n": 10**300})
+    assert acc.reduce() == {"n": pytest.approx(1e300)}

@@ -67,7 +67,7 @@ def test_global_step_hooks_fire_once_per_step():
         train_step(model, w, x, y)
     finally:
         handle.remove()
-    assert seen == ["AdamW"]
+    assert seen == ["OptimizerWrapper"]  # once, with the wrapper (torch passes the optimizer stepped)
 
 
 def test_lbfgs_closure_passes_through():
@@ -472,3 +472,133 @@ def test_schedule_free_optimizer_modes_decisions_and_resume():
     assert all(torch.equal(a, b) for a, b in zip(params, expected_params))
     keys = ("lr", "k", "weight_sum", "lr_max", "train_mode")
     assert [{k: g[k] for k in keys} for g in groups] == [{k: g[k] for k in keys} for g in expected_groups]
+
+
+# ---------------------------------------------------------------- issue 17
+class Propose(MetaOptimizer):
+    """Proposes a fixed lr for every group at every decision."""
+
+    def __init__(self, value, **kwargs):
+        super().__init__(**kwargs)
+        self.value = value
+        self.reset()
+
+    def decide(self, metrics, step, groups):
+        return [HParamUpdate(g.index, "lr", self.value, "fixed") for g in groups]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("proposal, bound", [(1e-7, "min"), (1.0, "max")])
+def test_tensor_lr_stored_value_stays_within_bounds(dtype, proposal, bound):
+    # Clamping happened in float64 and fill_ rounded it: a float32 lr ended at 9.9999997e-05 < min_lr=1e-4.
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([p], lr=torch.tensor(1e-3, dtype=dtype))
+    w = OptimizerWrapper(opt, Propose(proposal, min_lr=1e-4, max_lr=0.3))
+    (decision,) = w.update_hyperparameters({"loss": 1.0})
+    stored = float(opt.param_groups[0]["lr"].item())
+    assert 1e-4 <= stored <= 0.3
+    assert decision.new == stored
+    assert stored == pytest.approx(1e-4 if bound == "min" else 0.3, rel=1e-2)
+
+
+def test_proposal_that_overflows_a_tensor_lr_is_never_written():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([p], lr=torch.tensor(1e-3, dtype=torch.float16))
+    w = OptimizerWrapper(opt, Propose(1e6))  # finite, but inf in float16; max_lr unbounded
+    assert w.update_hyperparameters({"loss": 1.0}) == []
+    stored = float(opt.param_groups[0]["lr"])
+    assert math.isfinite(stored) and stored == pytest.approx(1e-3, rel=1e-2)
+    assert "no finite value" in w.log.skipped[-1].reason
+
+
+def test_rejected_metric_leaves_the_wrapper_working():
+    # 10**400 raised OverflowError without the key, and every later call raised it too.
+    model, w = make(ScaleEvery(update_frequency=2))
+    w.update_hyperparameters({"loss": 1.0})
+    for bad in ({"loss": 1.0, "tokens": 10**400}, {"loss": torch.tensor(1j)}, {"loss": "x"}):
+        with pytest.raises((TypeError, ValueError), match="'tokens'|'loss'"):
+            w.update_hyperparameters(bad)
+        assert w.step_count == 1
+    assert len(w.update_hyperparameters({"loss": 2.0})) == 2
+    assert w.step_count == 2
+
+
+def test_missing_monitor_metric_is_a_value_error_and_changes_nothing():
+    class NeedsVal(ScaleEvery):
+        def decide(self, metrics, step, groups):
+            metrics["val_loss"]
+            return super().decide(metrics, step, groups)
+
+    model, w = make(NeedsVal(update_frequency=2))
+    w.update_hyperparameters({"loss": 1.0})
+    before = (w.state_dict()["meta_optimizer"], w.step_count, [g["lr"] for g in w.param_groups])
+    with pytest.raises(ValueError, match=r"'val_loss' is missing"):
+        w.update_hyperparameters({"loss": 1.0})
+    assert (w.state_dict()["meta_optimizer"], w.step_count, [g["lr"] for g in w.param_groups]) == before
+    assert len(w.update_hyperparameters({"loss": 1.0, "val_loss": 1.0})) == 2
+
+
+def test_a_decision_is_atomic_when_applying_fails():
+    class HalfBad(ScaleEvery):
+        def decide(self, metrics, step, groups):
+            good = super().decide(metrics, step, groups)
+            return good + [HParamUpdate(7, "lr", 0.1, "bad group")]
+
+    model, w = make(HalfBad(update_frequency=1))
+    lrs = [g["lr"] for g in w.param_groups]
+    meta_before = w.meta_optimizer.state_dict()
+    with pytest.raises(ValueError, match="param group 7"):
+        w.update_hyperparameters({"loss": 1.0})
+    assert [g["lr"] for g in w.param_groups] == lrs  # group 0 and 1 were not written either
+    assert w.meta_optimizer.state_dict() == meta_before
+    assert len(w.log) == 0 and w.step_count == 0
+
+
+def test_extreme_finite_losses_with_adaptive_frequency_never_raise():
+    from ray_metaopt import AdaptiveFrequency
+
+    model, w = make(LossTracker(adaptive_frequency=AdaptiveFrequency(max_interval=4)))
+    for step, loss in enumerate([1e300, 1e-300, 1e300, 5e-324, 1.7e308, 0.0, -1.0]):
+        if w.meta_optimizer.should_update(step):
+            w.update_hyperparameters({"loss": loss}, step)
+    assert w.meta_optimizer.rises >= 2
+
+
+def test_mean_reduction_averages_only_since_the_previous_decision():
+    # Dropping the accumulator's clear after a decision (so the next decision averages over two
+    # intervals) failed no wrapper test.
+    meta = ScaleEvery(factor=1.0, update_frequency=2)
+    model, groups = two_group_model()
+    w = OptimizerWrapper(torch.optim.SGD(groups, lr=0.1), meta, metric_reduction="mean")
+    for loss in [1.0, 3.0, 5.0, 7.0, 10.0, 20.0]:
+        w.update_hyperparameters({"loss": torch.tensor(loss)})
+    assert meta.seen == [2.0, 6.0, 15.0]
+
+
+def test_rejected_load_changes_nothing():
+    from ray_metaopt import PlateauMetaOptimizer, RLMetaOptimizer
+
+    model_a, plateau = make(PlateauMetaOptimizer(patience=0))
+    x, y = data()
+    for g in plateau.param_groups:
+        g["lr"] = 0.1
+    for _ in range(3):
+        train_step(model_a, plateau, x, y)
+    saved = plateau.state_dict()
+
+    model_b, rl = make(RLMetaOptimizer(update_frequency=2, seed=0))
+    train_step(model_b, rl, x, y)
+    before_sd = rl.state_dict()
+    before_lrs = [g["lr"] for g in rl.param_groups]
+    before_steps = [s["step"].item() for s in rl.state.values()]
+    with pytest.raises(ValueError, match="PlateauMetaOptimizer"):
+        rl.load_state_dict(saved)
+    assert [g["lr"] for g in rl.param_groups] == before_lrs
+    assert [s["step"].item() for s in rl.state.values()] == before_steps
+    assert repr(rl.state_dict()["meta_optimizer"]) == repr(before_sd["meta_optimizer"])
+    assert rl.step_count == 1
+
+    broken = dict(before_sd, meta_wrapper=dict(before_sd["meta_wrapper"], log={"decisions": [{"x": 1}]}))
+    with pytest.raises(ValueError, match="meta_wrapper"):
+        rl.load_state_dict(broken)
+    assert [s["step"].item() for s in rl.state.values()] == before_steps
