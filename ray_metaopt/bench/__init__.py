@@ -7,7 +7,8 @@ on Ray Tune, then writes ``RESULTS.md``, PNG plots and the raw records (``result
 
 Examples::
 
-    ray-metaopt bench --quick                  # 2 CPUs, under 10 minutes; writes ./benchmarks/
+    ray-metaopt bench --quick                  # 2 CPUs, about 20 minutes; writes ./benchmarks/
+    ray-metaopt bench --quick --tasks charlm   # one task of the size (here the Shakespeare LM)
     ray-metaopt bench                          # the full size, for a GPU machine or a cluster
     ray-metaopt bench --address auto --storage-path s3://bucket/bench
     ray-metaopt bench --report-only benchmarks/results.json   # redo tables and plots only
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
             "on the built-in tasks (paired seeds, Ray Tune), then write RESULTS.md, PNGs and results.json."
         ),
     )
-    parser.add_argument("--quick", action="store_true", help="the 2-CPU size (under 10 minutes); default: the full size")
-    parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="run only these tasks of the size")
+    parser.add_argument("--quick", action="store_true", help=f"the 2-CPU size ({', '.join(SUITE_SIZES['quick'].tasks)}; about 20 minutes); default: the full size (a GPU machine)")
+    parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help=f"run only these tasks of the size (quick: {' '.join(SUITE_SIZES['quick'].tasks)}; full: {' '.join(SUITE_SIZES['full'].tasks)})")
     parser.add_argument("--seeds", type=int, default=None, help="number of evaluation seeds (default: the size's, 5 quick / 10 full)")
     parser.add_argument("--output", default="benchmarks", help="directory for RESULTS.md, PNGs, results.json (default ./benchmarks)")
     parser.add_argument(

@@ -126,42 +126,55 @@ class SuiteSize:
 GRID = tuple(log_grid(1e-4, 1e-1, 5))
 
 SUITE_SIZES: dict[str, SuiteSize] = {
-    # 2 CPUs, under 10 minutes: the whole protocol on teacher_student; on moe the tuned
-    # baselines, the heuristics over the lr grid and the MoE arms (PBT and RL: full size only).
+    # 2 CPUs, about 20 minutes: the whole protocol on teacher_student, charlm and mnist1d (on
+    # the last two the adaptive arms run at the default lr only); on moe the tuned baselines,
+    # the heuristics over the lr grid and the MoE arms (PBT and RL on moe: full size only).
     "quick": SuiteSize(
         name="quick",
-        tasks=("teacher_student", "moe"),
-        task_configs={"teacher_student": {}, "moe": {}},
-        max_steps={"teacher_student": 400, "moe": 250},
+        tasks=("teacher_student", "moe", "charlm", "mnist1d"),
+        task_configs={"teacher_student": {}, "moe": {}, "charlm": {"n_embd": 32, "block_size": 32}, "mnist1d": {}},
+        max_steps={"teacher_student": 400, "moe": 250, "charlm": 160, "mnist1d": 200},
         eval_interval=20,
         batch_size=64,
         seeds=(0, 1, 2, 3, 4),
         lr_grid=GRID,
         default_lr_index=2,
         sweep_tasks=("teacher_student", "moe"),
-        pbt_tasks=("teacher_student",),
+        pbt_tasks=("teacher_student", "charlm", "mnist1d"),
         pbt_populations=(4, 8),
         pbt_perturbation_evals=4,
-        rl_tasks=("teacher_student",),
+        rl_tasks=("teacher_student", "charlm", "mnist1d"),
         rl_train_seeds=(100, 101, 102, 103, 104, 105),
         rl_update_every=10,
     ),
     # A GPU machine (or a CPU cluster): every arm on every task, bigger models, 10 seeds.
     "full": SuiteSize(
         name="full",
-        tasks=("teacher_student", "moe", "sequence", "digits"),
-        task_configs={"teacher_student": {"scale": 4}, "moe": {"scale": 4}, "sequence": {"scale": 2}, "digits": {}},
-        max_steps={"teacher_student": 3000, "moe": 3000, "sequence": 3000, "digits": 2000},
+        tasks=("teacher_student", "moe", "sequence", "digits", "charlm", "mnist1d", "digits_cnn"),
+        task_configs={
+            "teacher_student": {"scale": 4},
+            "moe": {"scale": 4},
+            "sequence": {"scale": 2},
+            "digits": {},
+            # 4 layers, width 128, context 128: ~0.8M parameters, 16k tokens a step at batch 128
+            "charlm": {"n_layer": 4, "n_head": 4, "n_embd": 64, "scale": 2, "block_size": 128},
+            "mnist1d": {"scale": 2},
+            "digits_cnn": {"scale": 2},
+        },
+        max_steps={
+            "teacher_student": 3000, "moe": 3000, "sequence": 3000, "digits": 2000,
+            "charlm": 3000, "mnist1d": 3000, "digits_cnn": 2000,
+        },
         eval_interval=50,
         batch_size=128,
         seeds=tuple(range(10)),
         lr_grid=GRID,
         default_lr_index=2,
-        sweep_tasks=("teacher_student", "moe", "sequence", "digits"),
-        pbt_tasks=("teacher_student", "moe", "sequence", "digits"),
+        sweep_tasks=("teacher_student", "moe", "sequence", "digits", "charlm", "mnist1d", "digits_cnn"),
+        pbt_tasks=("teacher_student", "moe", "sequence", "digits", "charlm", "mnist1d", "digits_cnn"),
         pbt_populations=(4, 8),
         pbt_perturbation_evals=6,
-        rl_tasks=("teacher_student", "moe", "sequence", "digits"),
+        rl_tasks=("teacher_student", "moe", "sequence", "digits", "charlm", "mnist1d", "digits_cnn"),
         rl_train_seeds=tuple(range(100, 116)),
         rl_update_every=25,
         gpus_per_trial=0.25,

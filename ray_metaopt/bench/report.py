@@ -151,6 +151,46 @@ def headline_table(result: TaskResult) -> str:
     )
 
 
+def summary_table(results: Mapping[str, TaskResult]) -> str:
+    """One table across tasks: each arm's median final-loss ratio to the tuned cosine, seeds lower.
+
+    Rows are arms (ordered by their geometric-mean ratio over the tasks they ran on), columns
+    tasks; a cell is ``×ratio (lower/n)`` (below 1: the arm ends lower than the tuned cosine).
+    """
+    tasks = list(results)
+    names: list[str] = []
+    for result in results.values():
+        names += [n for n in result.arms if n not in names]
+
+    def ratio(task: str, name: str) -> float | None:
+        arm = results[task].arms.get(name)
+        if arm is None:
+            return None
+        if name == REFERENCE_ARM:
+            return 1.0
+        c = arm.vs_cosine
+        return None if c is None or not math.isfinite(c.median_ratio) or c.median_ratio <= 0 else c.median_ratio
+
+    def order(name: str) -> float:
+        ratios = [r for t in tasks if (r := ratio(t, name)) is not None]
+        return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else math.inf
+
+    rows = []
+    for name in sorted(names, key=order):
+        cells = []
+        for task in tasks:
+            arm = results[task].arms.get(name)
+            if arm is None:
+                cells.append("–")
+            elif name == REFERENCE_ARM:
+                cells.append("reference")
+            else:
+                c = arm.vs_cosine
+                cells.append("–" if c is None else f"×{_num(c.median_ratio, '.3f')} ({c.wins}/{c.n})")
+        rows.append([f"`{name}`", *cells])
+    return _table(["arm", *(f"`{t}`" for t in tasks)], rows)
+
+
 def robustness_table(result: TaskResult) -> str | None:
     arms = [a for a in result.arms.values() if a.robustness is not None]
     if not arms:
@@ -451,6 +491,16 @@ def render_report(
         for task in size.tasks:
             for name, why in skipped_arms(task, size):
                 lines.append(f"- `{name}` on `{task}`: {why}")
+    if results:
+        lines += [
+            "",
+            "## Summary: every arm against the tuned cosine, on every task",
+            "",
+            "Median ratio of the final validation loss to the tuned cosine's, paired by seed, and the seeds on "
+            "which the arm ended lower (×1 would be a tie; below 1 is better). Per-task tables below.",
+            "",
+            summary_table(results),
+        ]
     for task, result in results.items():
         lines += ["", f"## `{task}`", ""]
         lines += [f"Target (tuned cosine median): {_num(result.target)}.", ""]
