@@ -64,3 +64,24 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {name}={value!r}")
     return value
+
+
+def check_path(name: str, value: Any) -> str:
+    """A non-empty ``str`` or ``os.PathLike`` (a local path or a pyarrow URI); returns it as ``str``."""
+    import os
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {name}={value!r} ({type(value).__name__})")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{name} must be a non-empty path, got {name}={value!r}")
+    return path
+
+
+def check_optional_mapping(name: str, value: Any) -> Any:
+    """``None`` or a mapping (e.g. a config dict)."""
+    from collections.abc import Mapping
+
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict or None, got {name}={value!r} ({type(value).__name__})")
+    return value

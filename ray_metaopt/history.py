@@ -45,6 +45,17 @@ class SkippedDecision:
         return asdict(self)
 
 
+def check_max_records(name: str, value: Any) -> int | None:
+    """``None`` or an int >= 0 (how many log records to keep)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0 or None, got {name}={value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 or None, got {name}={value!r}")
+    return int(value)
+
+
 class DecisionLog:
     """Bounded, checkpointable log of :class:`Decision` and :class:`SkippedDecision` records.
 
@@ -60,15 +71,7 @@ class DecisionLog:
     """
 
     def __init__(self, max_records: int | None = 10_000) -> None:
-        if max_records is not None:
-            if isinstance(max_records, bool) or not isinstance(max_records, numbers.Integral):
-                raise TypeError(
-                    f"max_log_records must be an int >= 0 or None, got max_log_records={max_records!r} "
-                    f"({type(max_records).__name__})"
-                )
-            if max_records < 0:
-                raise ValueError(f"max_log_records must be >= 0 or None, got max_log_records={max_records!r}")
-            max_records = int(max_records)
+        max_records = check_max_records("max_records", max_records)
         self._decisions: deque[Decision] = deque(maxlen=max_records)
         self._skipped: deque[SkippedDecision] = deque(maxlen=max_records)
         self.num_decisions = 0

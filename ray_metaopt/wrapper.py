@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .base import GroupState, HParamUpdate, MetaOptimizer
-from .history import Decision, DecisionLog, SkippedDecision
+from .history import Decision, DecisionLog, SkippedDecision, check_max_records
 from .metrics import MetricAccumulator, check_metrics, first_non_finite
 
 # Keys the wrapper adds to the wrapped optimizer's state_dict.
@@ -95,7 +95,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 f"meta_optimizer must be a MetaOptimizer, got meta_optimizer={meta_optimizer!r} "
                 f"({type(meta_optimizer).__name__})"
             )
-        self.log = DecisionLog(max_log_records)
+        self.log = DecisionLog(check_max_records("max_log_records", max_log_records))
         self.optimizer = optimizer
         self.meta_optimizer = meta_optimizer
         self._metrics = MetricAccumulator(metric_reduction)

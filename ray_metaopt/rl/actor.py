@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._validation import check_int, check_range
+from .._validation import check_int, check_optional_mapping, check_path, check_range
 from .persistence import dumps, join, load_policy, loads, policy_state_from_learner, read_bytes, write_bytes
 from .policy import PolicyConfig, signature_mismatch
 from .reinforce import Learner, invalid_transition
@@ -95,10 +95,10 @@ class PolicyActor:
         policy_path: str | None = None,
     ) -> None:
         self.name = _check_name("name", name)
-        self.config = PolicyConfig.from_dict(policy_config)
-        self.checkpoint_uri = (
-            None if checkpoint_uri is None else _check_name("checkpoint_uri", os.fspath(checkpoint_uri))
-        )
+        self.config = PolicyConfig.from_dict(check_optional_mapping("policy_config", policy_config))
+        self.checkpoint_uri = None if checkpoint_uri is None else check_path("checkpoint_uri", checkpoint_uri)
+        if policy_path is not None:
+            policy_path = check_path("policy_path", policy_path)
         self.checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
         self.max_staleness = (
             None if max_staleness is None else check_int("max_staleness", max_staleness, minimum=0)

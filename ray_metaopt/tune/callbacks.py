@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.tune import Callback
 
-from .._validation import check_range
+from .._validation import check_path, check_range
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.tune.experiment import Trial
@@ -217,6 +217,16 @@ class MetaOptCallback(Callback):
             raise TypeError(f"policy_name must be a non-empty str or None, got policy_name={policy_name!r}")
         if policy_config is not None and not isinstance(policy_config, Mapping):
             raise TypeError(f"policy_config must be a dict or None, got policy_config={policy_config!r}")
+        if policy_config is not None:
+            from ..rl.policy import PolicyConfig
+
+            PolicyConfig.from_dict(policy_config)  # unknown keys and bad values fail here, not in setup()
+        if policy_checkpoint_uri is not None:
+            policy_checkpoint_uri = check_path("policy_checkpoint_uri", policy_checkpoint_uri)
+        if policy_save_path is not None:
+            policy_save_path = check_path("policy_save_path", policy_save_path)
+        if trajectory_dir is not None:
+            trajectory_dir = check_path("trajectory_dir", trajectory_dir)
         if policy_config is not None and policy_name is None:
             raise ValueError(
                 "policy_config is given but policy_name is None; name the policy actor to create"
