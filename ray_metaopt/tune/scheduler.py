@@ -1,18 +1,16 @@
-"""A Tune trial scheduler that stops trials using what the meta-optimizers report.
+"""A Tune trial scheduler that applies :class:`~ray_metaopt.tune.MetaStopper`'s rules: a thin convenience.
 
-:class:`MetaAwareScheduler` wraps any Tune scheduler (FIFO, ASHA, PBT, ...) and adds two stopping
-rules that ordinary schedulers cannot express, because they only see one metric:
+:class:`MetaAwareScheduler` wraps any Tune scheduler (FIFO, ASHA, PBT, ...) and runs a
+:class:`~ray_metaopt.tune.stopper.MetaStopper` (divergence, lr at its floor) on every result
+before the wrapped scheduler sees it. Prefer the stopper itself (``RunConfig(stop=MetaStopper(...))``):
+it works with any scheduler and writes ``stop_reason`` into the very result Tune records. What the
+wrapper adds: it gets ``TuneConfig(metric=..., mode=...)`` through Tune's ``set_search_properties``
+and passes them on to its stopper and to the wrapped scheduler, it keeps non-finite values of the
+wrapped scheduler's metric from reaching it (as NaN), and it records a ``stop_reason`` also for
+trials the *wrapped* scheduler stopped (``"scheduler: ASHAScheduler stopped the trial"``).
 
-- **divergence**: the trial reported ``diverged=True`` (the provided trainable does so on a
-  non-finite loss), a non-finite training/validation loss, or (optional) a validation loss that
-  blew up to ``divergence_factor`` times its best value;
-- **lr at its floor**: every param group's learning rate sits at the meta-optimizer's ``min_lr``
-  (``lr_at_floor=True``) and the validation loss has not improved for ``lr_floor_patience``
-  reports in a row: the meta-optimizer has nothing left to cut, so the trial is done.
-
-Every other decision, and every other :class:`~ray.tune.schedulers.TrialScheduler` method, is
-delegated to the wrapped scheduler (tested with FIFO, ASHA and synchronous PBT under real Tune
-runs).
+Every :class:`~ray.tune.schedulers.TrialScheduler` method is delegated to the wrapped scheduler
+(tested with FIFO, ASHA and synchronous PBT under real Tune runs).
 """
 
 from __future__ import annotations
@@ -25,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from .._validation import check_int, check_range
+from .._validation import check_int
+from .stopper import STOP_REASON_KEY, MetaStopper, _as_float
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.tune.experiment import Trial
@@ -33,30 +32,22 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 _BASE_STATE_SUFFIX = ".base"
-
-
-def _as_float(value: Any) -> float | None:
-    """``float(value)`` for numbers (Python, numpy, 0-dim tensors); ``None`` for anything else."""
-    if value is None or isinstance(value, (bool, str, bytes, list, dict, tuple)):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+_STOPPER_ATTRS = (
+    "stop_on_divergence", "lr_floor_patience", "min_delta", "divergence_factor", "loss_keys",
+    "diverged_key", "lr_floor_key", "mode",
+)
 
 
 class MetaAwareScheduler(TrialScheduler):
-    """Stop diverged trials and trials stuck at their lr floor; delegate everything else.
+    """Stop diverged trials and trials stuck at their lr floor (a :class:`MetaStopper`); delegate the rest.
 
-    The rules read these result keys (the provided trainable reports all of them; a custom
-    trainable can report them with :mod:`ray_metaopt.tune.reporting`): ``diverged`` (bool),
-    ``lr_at_floor`` (bool), ``train_loss`` / ``val_loss`` (floats). Missing keys disable the rule
-    that needs them for that result; nothing else changes.
-
-    When a rule fires the trial is stopped (``TrialScheduler.STOP``) *before* the wrapped
-    scheduler sees that result, and the reason is kept in :attr:`stopped_trials`. Non-finite
-    values of the wrapped scheduler's metric are passed on as NaN, which ASHA's rung cutoffs
-    (``numpy.nanpercentile``) ignore: a single ``inf`` would otherwise make every cutoff ``-inf``.
+    When the stopper's rule fires the trial is stopped (``TrialScheduler.STOP``) *before* the
+    wrapped scheduler sees that result; the reason is kept in :attr:`stopped_trials` and written
+    to the trial's last result as ``stop_reason`` when it completes (so ``ResultGrid`` shows it;
+    for ``progress.csv`` to show it too, pass the stopper as ``RunConfig(stop=...)`` instead).
+    Non-finite values of the wrapped scheduler's metric are passed on as NaN, which ASHA's rung
+    cutoffs (``numpy.nanpercentile``) ignore: a single ``inf`` would otherwise make every cutoff
+    ``-inf``.
 
     Args:
         base: the scheduler to wrap (``ASHAScheduler(...)``, ``PopulationBasedTraining(...)``,
@@ -65,13 +56,12 @@ class MetaAwareScheduler(TrialScheduler):
         lr_floor_patience: stop a trial after this many consecutive reports with
             ``lr_at_floor=True`` and no improvement of ``metric``; ``None`` disables the rule.
         stop_on_lr_floor_patience: alias of ``lr_floor_patience`` (give one of them).
-        metric: the validation metric whose improvement is tracked (lower is better).
-        min_delta: an improvement must lower the best ``metric`` by more than this (absolute).
-        divergence_factor: also treat ``metric > divergence_factor * best`` as divergence
-            (``None`` disables; must be > 1). Only meaningful for positive losses.
-        loss_keys: result keys whose non-finite value counts as divergence.
-        diverged_key: result key of the trainable's own divergence flag.
-        lr_floor_key: result key of the "every lr at its floor" flag.
+        metric: the metric whose improvement is tracked; ``None`` (default): ``TuneConfig``'s
+            metric, else ``"val_loss"``.
+        mode: ``"min"``/``"max"`` for ``metric``; ``None``: ``TuneConfig``'s mode, else ``"min"``.
+        min_delta, divergence_factor, loss_keys, diverged_key, lr_floor_key: as in
+            :class:`MetaStopper`.
+        stopper: a ready :class:`MetaStopper` instead of the rule arguments above.
 
     Example:
         >>> from ray import tune
@@ -89,12 +79,14 @@ class MetaAwareScheduler(TrialScheduler):
         stop_on_divergence: bool = True,
         lr_floor_patience: int | None = None,
         stop_on_lr_floor_patience: int | None = None,
-        metric: str = "val_loss",
+        metric: str | None = None,
+        mode: str | None = None,
         min_delta: float = 0.0,
         divergence_factor: float | None = None,
         loss_keys: tuple[str, ...] | list[str] = ("train_loss", "val_loss"),
         diverged_key: str = "diverged",
         lr_floor_key: str = "lr_at_floor",
+        stopper: MetaStopper | None = None,
     ) -> None:
         super().__init__()
         if base is None:
@@ -105,10 +97,6 @@ class MetaAwareScheduler(TrialScheduler):
             )
         if isinstance(base, MetaAwareScheduler):
             raise TypeError("base is already a MetaAwareScheduler; wrap the underlying scheduler once")
-        if not isinstance(stop_on_divergence, bool):
-            raise TypeError(
-                f"stop_on_divergence must be a bool, got stop_on_divergence={stop_on_divergence!r}"
-            )
         if lr_floor_patience is not None and stop_on_lr_floor_patience is not None:
             raise ValueError(
                 "give lr_floor_patience or its alias stop_on_lr_floor_patience, not both, got "
@@ -116,84 +104,35 @@ class MetaAwareScheduler(TrialScheduler):
             )
         if stop_on_lr_floor_patience is not None:
             lr_floor_patience = check_int("stop_on_lr_floor_patience", stop_on_lr_floor_patience, minimum=1)
-        elif lr_floor_patience is not None:
-            lr_floor_patience = check_int("lr_floor_patience", lr_floor_patience, minimum=1)
-        for name, value in (
-            ("metric", metric),
-            ("diverged_key", diverged_key),
-            ("lr_floor_key", lr_floor_key),
-        ):
-            if not isinstance(value, str) or not value:
-                raise TypeError(f"{name} must be a non-empty str, got {name}={value!r}")
-        if isinstance(loss_keys, str) or not all(isinstance(k, str) and k for k in loss_keys):
-            raise TypeError(f"loss_keys must be a list of non-empty str, got loss_keys={loss_keys!r}")
-        if divergence_factor is not None:
-            divergence_factor = check_range(
-                "divergence_factor", divergence_factor, 1.0, math.inf, low_open=True
+        if stopper is not None:
+            if not isinstance(stopper, MetaStopper):
+                raise TypeError(f"stopper must be a MetaStopper, got stopper={stopper!r}")
+        else:
+            stopper = MetaStopper(
+                metric=metric,
+                mode=mode,
+                stop_on_divergence=stop_on_divergence,
+                lr_floor_patience=lr_floor_patience,
+                min_delta=min_delta,
+                divergence_factor=divergence_factor,
+                loss_keys=loss_keys,
+                diverged_key=diverged_key,
+                lr_floor_key=lr_floor_key,
             )
         self.base = base
-        self.stop_on_divergence = stop_on_divergence
-        self.lr_floor_patience = lr_floor_patience
-        self.improvement_metric = metric
-        self.min_delta = check_range("min_delta", min_delta, 0.0, math.inf, high_open=True)
-        self.divergence_factor = divergence_factor
-        self.loss_keys = tuple(loss_keys)
-        self.diverged_key = diverged_key
-        self.lr_floor_key = lr_floor_key
-        # trial_id -> {"best": float | None, "floor_reports": int, "reports": int}
-        self._tracking: dict[str, dict[str, Any]] = {}
-        #: trial_id -> why this scheduler stopped it (``"diverged: ..."`` / ``"lr_floor: ..."``).
-        self.stopped_trials: dict[str, str] = {}
+        self.stopper = stopper
+        #: trial_id -> why the wrapped scheduler stopped it (``"scheduler: ..."``).
+        self._base_stopped: dict[str, str] = {}
 
     # ------------------------------------------------------------ the rules
-    def _track(self, trial_id: str) -> dict[str, Any]:
-        return self._tracking.setdefault(trial_id, {"best": None, "floor_reports": 0, "reports": 0})
+    @property
+    def stopped_trials(self) -> dict[str, str]:
+        """trial_id -> why this scheduler's rules stopped it (``"diverged: ..."`` / ``"lr_floor: ..."``)."""
+        return self.stopper.stopped_trials
 
     def stop_reason(self, trial_id: str, result: dict[str, Any]) -> str | None:
-        """Update the trial's tracking with ``result``; return why to stop it, or ``None``.
-
-        Public so custom schedulers and tests can apply the same rules without a Tune run.
-        """
-        track = self._track(trial_id)
-        track["reports"] += 1
-        value = _as_float(result.get(self.improvement_metric))
-
-        if self.stop_on_divergence:
-            if bool(result.get(self.diverged_key, False)):
-                return f"diverged: trial reported {self.diverged_key}=True"
-            for key in self.loss_keys:
-                loss = _as_float(result.get(key))
-                if loss is not None and not math.isfinite(loss):
-                    return f"diverged: {key}={loss}"
-            best = track["best"]
-            if (
-                self.divergence_factor is not None
-                and value is not None
-                and best is not None
-                and best > 0
-                and value > self.divergence_factor * best
-            ):
-                return (
-                    f"diverged: {self.improvement_metric}={value:.6g} > divergence_factor "
-                    f"{self.divergence_factor:g} x best {best:.6g}"
-                )
-
-        improved = False
-        if value is not None and math.isfinite(value):
-            best = track["best"]
-            if best is None or value < best - self.min_delta:
-                track["best"] = value
-                improved = True
-        if bool(result.get(self.lr_floor_key, False)) and not improved:
-            track["floor_reports"] += 1
-        else:
-            track["floor_reports"] = 0
-        if self.lr_floor_patience is not None and track["floor_reports"] >= self.lr_floor_patience:
-            return (
-                f"lr_floor: every lr at its floor with no {self.improvement_metric} improvement "
-                f"for {track['floor_reports']} reports (best {track['best']})"
-            )
-        return None
+        """The stopper's :meth:`MetaStopper.stop_reason` (kept for custom schedulers and tests)."""
+        return self.stopper.stop_reason(trial_id, result)
 
     def _for_base(self, result: dict[str, Any]) -> dict[str, Any]:
         """The result as the wrapped scheduler gets it: its metric NaN instead of +-inf."""
@@ -207,42 +146,57 @@ class MetaAwareScheduler(TrialScheduler):
         sanitized[metric] = float("nan")
         return sanitized
 
+    def _record_reason(self, trial: Trial) -> None:
+        """Write why the trial ended into its last result (unless the trial gave its own reason)."""
+        reason = self.stopper.stopped_trials.get(trial.trial_id) or self._base_stopped.get(trial.trial_id)
+        last = getattr(trial, "last_result", None)
+        if reason and isinstance(last, dict) and not last.get(STOP_REASON_KEY):
+            last[STOP_REASON_KEY] = reason
+
     # ------------------------------------------------------------ TrialScheduler interface
     @property
     def metric(self) -> str | None:
-        return self.base.metric
+        return self.base.metric or self.stopper.metric
 
     @property
     def supports_buffered_results(self) -> bool:
         return self.base.supports_buffered_results
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self.stopper.set_search_properties(metric, mode)
         return self.base.set_search_properties(metric, mode, **spec)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        self._track(trial.trial_id)
         self.base.on_trial_add(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
-        self._tracking.pop(trial.trial_id, None)
+        self.stopper.forget(trial.trial_id)
         self.base.on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        if trial.trial_id in self.stopped_trials:
+        already = trial.trial_id in self.stopper.stopped_trials
+        if self.stopper(trial.trial_id, result):
+            if not already:
+                logger.warning(
+                    "MetaAwareScheduler stops trial %s: %s", trial.trial_id, self.stopped_trials[trial.trial_id]
+                )
             return TrialScheduler.STOP
-        reason = self.stop_reason(trial.trial_id, result)
-        if reason is not None:
-            self.stopped_trials[trial.trial_id] = reason
-            logger.warning("MetaAwareScheduler stops trial %s: %s", trial.trial_id, reason)
-            return TrialScheduler.STOP
-        return self.base.on_trial_result(tune_controller, trial, self._for_base(result))
+        decision = self.base.on_trial_result(tune_controller, trial, self._for_base(result))
+        if decision == TrialScheduler.STOP and not result.get("done"):
+            self._base_stopped[trial.trial_id] = (
+                f"scheduler: {type(self.base).__name__} stopped the trial at "
+                f"training_iteration={result.get('training_iteration')}"
+            )
+        return decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
-        self._tracking.pop(trial.trial_id, None)
+        self.stopper.forget(trial.trial_id)
+        self._record_reason(trial)
         self.base.on_trial_complete(tune_controller, trial, self._for_base(result))
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
-        self._tracking.pop(trial.trial_id, None)
+        self.stopper.forget(trial.trial_id)
+        self._record_reason(trial)
         self.base.on_trial_remove(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
@@ -279,23 +233,21 @@ class MetaAwareScheduler(TrialScheduler):
     # ------------------------------------------------------------ plain-data state
     def state_dict(self) -> dict[str, Any]:
         """This scheduler's own state as plain data (the wrapped scheduler is not included)."""
-        return {
-            "tracking": {k: dict(v) for k, v in self._tracking.items()},
-            "stopped_trials": dict(self.stopped_trials),
-        }
+        return {"stopper": self.stopper.state_dict(), "base_stopped": dict(self._base_stopped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._tracking = {k: dict(v) for k, v in state["tracking"].items()}
-        self.stopped_trials = dict(state["stopped_trials"])
+        self.stopper.load_state_dict(state["stopper"])
+        self._base_stopped = dict(state.get("base_stopped", {}))
 
     def __getattr__(self, name: str) -> Any:
         # Scheduler-specific extras (e.g. PBT's attributes) stay reachable through the wrapper.
-        if name.startswith("__") or name == "base" or "base" not in self.__dict__:
+        if name.startswith("__") or name in ("base", "stopper") or "base" not in self.__dict__:
             raise AttributeError(name)
+        if name in _STOPPER_ATTRS and "stopper" in self.__dict__:  # the rules' settings
+            return getattr(self.__dict__["stopper"], name)
+        if name == "improvement_metric" and "stopper" in self.__dict__:
+            return self.__dict__["stopper"].metric
         return getattr(self.__dict__["base"], name)
 
     def __repr__(self) -> str:
-        return (
-            f"MetaAwareScheduler({self.base!r}, stop_on_divergence={self.stop_on_divergence}, "
-            f"lr_floor_patience={self.lr_floor_patience})"
-        )
+        return f"MetaAwareScheduler({self.base!r}, stopper={self.stopper!r})"

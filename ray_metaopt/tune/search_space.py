@@ -12,7 +12,7 @@ Example:
     >>> from ray_metaopt.tune import meta_search_space, metaopt_trainable
     >>> param_space = {"task": "teacher_student", "meta": "plateau",
     ...                "eval_interval": 20,
-    ...                "meta_config": meta_search_space("plateau", monitor="val_loss", update_frequency=20)}
+    ...                "meta_config": meta_search_space("plateau", eval_interval=20)}
     >>> tuner = tune.Tuner(metaopt_trainable, param_space=param_space,
     ...                    tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=8))
 """
@@ -25,7 +25,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search.sample import Domain
 
-from .._validation import check_choice
+from .._validation import check_choice, check_int
 
 # Each builder returns a fresh dict (Tune domains are mutable objects: never share one).
 _SpaceFn = Callable[[], dict[str, Any]]
@@ -38,7 +38,9 @@ def _plateau() -> dict[str, Any]:
         "lr_factor": tune.uniform(0.1, 0.8),
         "threshold": tune.loguniform(1e-4, 5e-2),
         "cooldown": tune.randint(0, 4),
-        "update_frequency": tune.choice([1, 5, 10, 20]),
+        # No update_frequency: the provided trainable makes these strategies watch val_loss and
+        # decide at its evaluations (update_frequency = eval_interval); ``eval_interval=`` of
+        # meta_search_space adds a choice of multiples of it.
     }
 
 
@@ -96,6 +98,9 @@ def _rl() -> dict[str, Any]:
     }
 
 
+# Strategies the provided trainable makes watch ``val_loss`` (builders.trial_meta_defaults).
+_VAL_LOSS_STRATEGIES = ("plateau", "advanced_plateau")
+
 _SPACES: dict[str, _SpaceFn] = {
     "none": dict,
     "plateau": _plateau,
@@ -132,6 +137,7 @@ def meta_search_space(
     strategy: str,
     *,
     exclude: tuple[str, ...] | list[str] = (),
+    eval_interval: int | None = None,
     **fixed: Any,
 ) -> dict[str, Any]:
     """The tunable hyperparameters of ``strategy`` as a dict of Tune search domains.
@@ -140,6 +146,11 @@ def meta_search_space(
         strategy: one of :func:`meta_search_space_names` (``"plateau"``, ``"advanced_plateau"``,
             ``"expert_gate"``, ``"smart_expert_gate"``, ``"rl"``, ``"none"``).
         exclude: keys to leave out (the strategy's default is used for them).
+        eval_interval: the trainable's ``eval_interval``. The plateau strategies watch
+            ``val_loss`` in the provided trainable, which exists only at evaluations, so their
+            space has no ``update_frequency`` (the trainable sets it to ``eval_interval``); give
+            ``eval_interval`` to search ``update_frequency`` over 1, 2 and 5 evaluations instead.
+            Every sample of every space then builds a valid trial.
         **fixed: values (or your own domains) that replace or add to the default space, e.g.
             ``monitor="val_loss"``, ``min_lr=1e-6`` or ``patience=tune.randint(2, 5)``.
             ``monitor="val_loss"`` needs a fixed ``update_frequency`` equal to the trainable's
@@ -154,12 +165,16 @@ def meta_search_space(
         A new dict usable as ``meta_config`` in a ``param_space`` / ``config``.
 
     Example:
-        >>> space = meta_search_space("plateau", monitor="val_loss", update_frequency=20, exclude=("cooldown",))
+        >>> space = meta_search_space("plateau", eval_interval=20, exclude=("cooldown",))
         >>> sorted(space)
-        ['lr_factor', 'monitor', 'patience', 'threshold', 'update_frequency']
+        ['lr_factor', 'patience', 'threshold', 'update_frequency']
     """
     check_choice("strategy", strategy, tuple(_SPACES))
+    if eval_interval is not None:
+        check_int("eval_interval", eval_interval, minimum=1)
     space = dict(_SPACES[strategy]())
+    if eval_interval is not None and strategy in _VAL_LOSS_STRATEGIES:
+        space["update_frequency"] = tune.choice([k * eval_interval for k in (1, 2, 5)])
     if strategy == "rl" and fixed.get("shared_policy") is not None:
         for key in RL_POLICY_KEYS:
             if key not in fixed:
@@ -174,10 +189,13 @@ def meta_search_space(
     for key in exclude:
         del space[key]
     space.update(fixed)
-    if space.get("monitor") == "val_loss" and isinstance(space.get("update_frequency"), Domain):
+    # The provided trainable's plateau strategies watch val_loss unless `monitor` says otherwise.
+    watches_val_loss = space.get("monitor", "val_loss" if strategy in _VAL_LOSS_STRATEGIES else None) == "val_loss"
+    searched = isinstance(space.get("update_frequency"), Domain) and "update_frequency" in fixed
+    if watches_val_loss and searched:
         raise ValueError(
             "monitor='val_loss' needs update_frequency fixed to the trainable's eval_interval (val_loss "
-            "only exists at evaluation steps), got a searched update_frequency; pass update_frequency=<eval_interval>"
+            "only exists at evaluation steps), got a searched update_frequency; pass update_frequency=<eval_interval>, or eval_interval=<eval_interval> to search multiples of it"
         )
     return space
 

@@ -23,6 +23,7 @@ from .builders import (
     trial_meta_defaults,
 )
 from .reporting import MetricsReporter, load_checkpoint, reporter_for, save_checkpoint, tune_result
+from .stopper import STOP_REASON_KEY
 from .tasks import make_task
 
 ReportFn = Callable[[dict, "str | None"], None]
@@ -164,9 +165,17 @@ class TrainingRun:
             diverged=diverged,
         )
         result["device"] = self.device.type
-        if self.config_overrides:
-            result["config_overrides"] = self.config_overrides
-            self.config_overrides = []
+        # A stable schema from the first result on (Tune's CSV logger fixes its header there):
+        # keys that are set only sometimes are always present, empty until set.
+        result["config_overrides"] = self.config_overrides
+        self.config_overrides = []
+        result["diverged_reason"] = ""
+        result[STOP_REASON_KEY] = "max_steps" if self.step >= self.config.max_steps else ""
+        return result
+
+    def _diverged(self, result: dict[str, Any], reason: str) -> dict[str, Any]:
+        result["diverged_reason"] = reason
+        result[STOP_REASON_KEY] = f"diverged: {reason}"
         return result
 
     def train(self, report: ReportFn) -> dict[str, Any] | None:
@@ -197,6 +206,21 @@ class TrainingRun:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         last: dict[str, Any] | None = None
         self.reporter.restart_timer(self.step)
+        if self.step >= c.max_steps:
+            # Restored at the end (a PBT exploit at the last perturbation clones a finished
+            # donor): report this trial's own final state once, or its last result would be
+            # the one from before the exploit and Tune would list the donor's metrics under it.
+            self.model.eval()
+            with torch.no_grad(), self._optimizer_eval_mode():  # one batch, no step: its loss
+                train_loss = float(self.task.training_step(self.model, c.batch_size).loss)
+            self.model.train()
+            evaluation = self._evaluate()
+            diverged = not (math.isfinite(evaluation["val_loss"]) and math.isfinite(train_loss))
+            last = self._result(train_loss, evaluation, diverged=diverged)
+            with tempfile.TemporaryDirectory(prefix="metaopt_ckpt_") as directory:
+                self.save(directory)
+                report(last, directory)
+            return last
         while self.step < c.max_steps:
             started = time.perf_counter()
             out = self.task.training_step(self.model, c.batch_size)
@@ -211,11 +235,12 @@ class TrainingRun:
                 what = "loss" if not math.isfinite(float(loss)) else "gradient norm"
                 last = self._result(float(loss), {}, diverged=True)
                 if check_every == 1:
-                    last["diverged_reason"] = f"non-finite {what} at step {self.step}; no optimizer step was taken"
+                    self._diverged(last, f"non-finite {what} at step {self.step}; no optimizer step was taken")
                 else:
-                    last["diverged_reason"] = (
+                    self._diverged(
+                        last,
                         f"non-finite loss or gradient norm within steps {self.step - check_every + 1}-{self.step} "
-                        f"(checked every {check_every} steps on {self.device.type}); stopped before step {self.step}"
+                        f"(checked every {check_every} steps on {self.device.type}); stopped before step {self.step}",
                     )
                 report(last, None)
                 return last
@@ -241,7 +266,7 @@ class TrainingRun:
             loss_count = 0
             if not math.isfinite(evaluation["val_loss"]):
                 last = self._result(train_loss, evaluation, diverged=True)
-                last["diverged_reason"] = f"non-finite val_loss after step {self.step}"
+                self._diverged(last, f"non-finite val_loss after step {self.step}")
                 report(last, None)
                 return last
             metrics["val_loss"] = evaluation["val_loss"]

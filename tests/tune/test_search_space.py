@@ -63,7 +63,9 @@ def test_domains_match_the_documented_ranges():
         assert 0.1 <= c["lr_factor"] < 0.8
         assert 1e-4 <= c["threshold"] <= 5e-2
         assert 0 <= c["cooldown"] <= 3
-        assert c["update_frequency"] in (1, 5, 10, 20)
+        assert "update_frequency" not in c  # the trainable decides at its evaluations
+    with_eval = meta_search_space("plateau", eval_interval=20)
+    assert {sample_meta_config(with_eval, seed=s)["update_frequency"] for s in range(100)} == {20, 40, 100}
 
 
 def test_fixed_values_exclude_and_fresh_dicts():
@@ -79,8 +81,50 @@ def test_fixed_values_exclude_and_fresh_dicts():
 
 def test_val_loss_monitor_needs_a_fixed_update_frequency():
     with pytest.raises(ValueError, match="update_frequency=<eval_interval>"):
-        meta_search_space("advanced_plateau", monitor="val_loss")
+        meta_search_space("advanced_plateau", update_frequency=tune.choice([1, 5]))  # watches val_loss
+    with pytest.raises(ValueError, match="update_frequency=<eval_interval>"):
+        meta_search_space("plateau", monitor="val_loss", update_frequency=tune.choice([1, 5]))
     assert meta_search_space("plateau", monitor="val_loss", update_frequency=50)["update_frequency"] == 50
+    # Another monitor needs no evaluation: any update_frequency is fine.
+    assert isinstance(meta_search_space("plateau", monitor="loss", update_frequency=tune.choice([1, 5]))[
+        "update_frequency"], Domain)
+    with pytest.raises(ValueError, match="eval_interval=0"):
+        meta_search_space("plateau", eval_interval=0)
+
+
+# The task each strategy is meant for in the provided trainable.
+SPACE_TASKS = {
+    "plateau": "teacher_student",
+    "advanced_plateau": "teacher_student",
+    "expert_gate": "moe",
+    "smart_expert_gate": "moe",
+    "rl": "teacher_student",
+    "none": "teacher_student",
+}
+
+
+@pytest.mark.parametrize("eval_interval", [None, 10])
+@pytest.mark.parametrize("strategy", sorted(SPACE_TASKS))
+def test_every_sample_builds_a_training_run(strategy, eval_interval):
+    """What the README offers "for any searcher": every sample is a valid trial of the trainable."""
+    from ray_metaopt.tune import TrainingRun
+
+    space = meta_search_space(strategy, eval_interval=eval_interval)
+    for seed in range(10 if strategy == "rl" else 30):
+        meta_config = sample_meta_config(space, seed=seed)
+        run = TrainingRun(
+            {
+                "task": SPACE_TASKS[strategy],
+                "meta": strategy,
+                "meta_config": meta_config,
+                "eval_interval": eval_interval or 20,
+                "max_steps": 100,
+            }
+        )
+        assert run.wrapper.meta_optimizer.update_frequency % (eval_interval or 20) == 0 or strategy not in (
+            "plateau",
+            "advanced_plateau",
+        )
 
 
 def test_bad_names_list_the_choices():
@@ -156,6 +200,31 @@ def test_basic_variant_searcher_tunes_meta_config(ray_session, tmp_path):
         assert math.isfinite(result.metrics["val_loss"])
     best = grid.get_best_result()
     assert best.metrics["val_loss"] == min(r.metrics["val_loss"] for r in grid)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_provided_trainable_runs_every_plateau_sample(ray_session, tmp_path):
+    """Issue 16 item 1: the plateau space once sampled update_frequency 1/5/10 and failed trials."""
+    from ray_metaopt.tune import metaopt_trainable, trainable_with_resources
+
+    grid = tune.Tuner(
+        trainable_with_resources({"cpu": 1}),
+        param_space={
+            "task": "teacher_student",
+            "meta": "plateau",
+            "max_steps": 20,
+            "eval_interval": 10,
+            "meta_config": meta_search_space("plateau"),
+        },
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", num_samples=6, search_alg=BasicVariantGenerator(random_state=3)
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="plateau_space", verbose=0),
+    ).fit()
+    assert grid.num_errors == 0 and len(grid) == 6
+    assert all(r.metrics["step"] == 20 for r in grid)
+    assert metaopt_trainable is not None
 
 
 def test_rl_space_with_a_shared_policy_leaves_policy_keys_to_the_actor():
