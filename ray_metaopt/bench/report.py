@@ -186,7 +186,14 @@ def summary_table(results: Mapping[str, TaskResult]) -> str:
                 cells.append("reference")
             else:
                 c = arm.vs_cosine
-                cells.append("–" if c is None else f"×{_num(c.median_ratio, '.3f')} ({c.wins}/{c.n})")
+                if c is not None and math.isfinite(c.median_ratio):
+                    cells.append(f"×{_num(c.median_ratio, '.3f')} ({c.wins}/{c.n})")
+                elif arm.num_errors:
+                    cells.append(f"failed ({arm.num_errors}/{arm.num_trials} trials errored)")
+                elif arm.num_diverged:
+                    cells.append(f"diverged ({arm.num_diverged}/{arm.num_trials} trials)")
+                else:
+                    cells.append("–")
         rows.append([f"`{name}`", *cells])
     return _table(["arm", *(f"`{t}`" for t in tasks)], rows)
 
