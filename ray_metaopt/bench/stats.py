@@ -241,24 +241,44 @@ def executed_steps(steps: Sequence[int], eval_interval: int) -> int:
     return total
 
 
-def episode_return(train_losses: Sequence[float], val_losses: Sequence[float], val_weight: float = 1.0) -> float:
-    """An RL episode's undiscounted return, from its reported losses.
+def episode_return(
+    train_losses: Sequence[float],
+    val_losses: Sequence[float],
+    val_weight: float = 1.0,
+    *,
+    steps: Sequence[int] | None = None,
+    update_frequency: int = 1,
+    reward_clip: float = math.inf,
+) -> float:
+    """An RL episode's undiscounted return, from its reported losses, computed with the policy's
+    own reward code (:func:`ray_metaopt.rl.rewards.episode_rewards`: clipping and final term).
 
-    The policy's per-interval reward is the drop in log training loss, so the rewards of an
-    episode add up (telescope) to ``log(first / last)`` training loss; the final reward adds
-    ``val_weight * log(first / last)`` validation loss. A diverged episode returns ``-inf``.
+    The policy's per-interval reward is the drop in log training loss, so without clipping the
+    rewards of an episode add up (telescope) to ``log(first / last)`` training loss; the final
+    reward adds ``val_weight * log(first / last)`` validation loss. ``steps`` are the steps of
+    ``train_losses`` (default: one apart). A diverged episode returns ``-inf``.
 
     Example:
         >>> round(episode_return([1.0, 0.5, 0.25], [2.0, 1.0]), 4)
         2.0794
     """
+    from ..rl.rewards import episode_rewards
+
     if not train_losses or not val_losses:
         raise ValueError("episode_return needs at least one training and one validation loss")
-    first_t, last_t = float(train_losses[0]), float(train_losses[-1])
+    losses = [float(x) for x in train_losses]
     first_v, last_v = float(val_losses[0]), float(val_losses[-1])
-    if not all(math.isfinite(x) and x > 0 for x in (first_t, last_t, first_v, last_v)):
+    if not all(math.isfinite(x) and x > 0 for x in (*losses, first_v, last_v)):
         return -math.inf
-    return math.log(first_t / last_t) + val_weight * math.log(first_v / last_v)
+    steps = list(range(len(losses))) if steps is None else list(steps)
+    log_losses = [math.log(x) for x in losses]
+    if len(log_losses) == 1:  # no interval: only the final term
+        log_losses, steps = log_losses * 2, [0, 1]
+    rewards = episode_rewards(
+        log_losses, steps, update_frequency,
+        log_val0=math.log(first_v), log_val=math.log(last_v), val_weight=val_weight, reward_clip=reward_clip,
+    )
+    return sum(rewards)
 
 
 def mean_lr_factors(trajectories: Sequence[Sequence[tuple[int, float]]]) -> list[list[float]]:

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from .features import GLOBAL_FEATURES, GROUP_FEATURES
 from .policy import PolicyConfig
+
+FEATURE_LAYOUT = [*GLOBAL_FEATURES, *GROUP_FEATURES]
 
 POLICY_FORMAT = "ray_metaopt.policy"
 POLICY_FORMAT_VERSION = 1
@@ -121,6 +124,7 @@ def policy_state_from_learner(learner: Any, **extra: Any) -> dict[str, Any]:
     """The policy-file dict of a :class:`~ray_metaopt.rl.reinforce.Learner`."""
     state = learner.state_dict()
     state.update(extra)
+    state["features"] = list(FEATURE_LAYOUT)
     state["format"] = POLICY_FORMAT
     state["format_version"] = POLICY_FORMAT_VERSION
     return state
@@ -135,12 +139,26 @@ def check_policy_state(state: Any) -> dict[str, Any]:
             f"policy format_version {state.get('format_version')!r} is not supported "
             f"(this version reads {POLICY_FORMAT_VERSION})"
         )
+    layout = state.get("features")
+    if layout is not None and list(layout) != FEATURE_LAYOUT:
+        raise ValueError(
+            f"the policy was trained on another state layout: features={list(layout)!r}, this version's "
+            f"is {FEATURE_LAYOUT!r}"
+        )
     config = PolicyConfig.from_dict(state["config"])
     from .policy import PolicyNetwork
 
-    expected = set(PolicyNetwork(config).state_dict())
-    if set(state["weights"]) != expected:
+    expected = PolicyNetwork(config).state_dict()
+    if set(state["weights"]) != set(expected):
         raise ValueError(f"policy weights have keys {sorted(state['weights'])}, expected {sorted(expected)}")
+    for name, tensor in expected.items():
+        got = tuple(getattr(state["weights"][name], "shape", ()))
+        if got != tuple(tensor.shape):
+            raise ValueError(
+                f"policy weight {name!r} has shape {got}, expected {tuple(tensor.shape)} (another action space "
+                f"or state layout: state_dim={config.state_dim}, lr_actions={list(config.lr_actions)}, "
+                f"wd_actions={config.wd_actions and list(config.wd_actions)})"
+            )
     return dict(state)
 
 

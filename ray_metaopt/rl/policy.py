@@ -4,8 +4,12 @@ The policy maps a state row (:mod:`~ray_metaopt.rl.features`) to two independent
 distributions: one over ``lr_actions`` and one over ``wd_actions``. What an action *means*
 depends on ``action_mode``:
 
-- ``"multiplicative"`` (the seed's action space, default): ``lr <- lr * lr_actions[i]`` and
-  ``weight_decay <- weight_decay + wd_actions[j]``; changes compound from one decision to the next.
+- ``"anchored"`` (default): ``lr <- base_lr(t) * lr_actions[i]`` and ``weight_decay <-
+  max(initial_wd + wd_actions[j], 0)``, re-anchored on the user's schedule at every decision
+  (never compounding); the "keep" action follows the base schedule exactly.
+- ``"multiplicative"`` (the seed's action space, opt-in): ``lr <- lr * lr_actions[i]`` and
+  ``weight_decay <- weight_decay + wd_actions[j]``; changes compound from one decision to the next
+  (measured: the lr random-walks away from a good value).
 - ``"schedule"``: the lr follows a base schedule (cosine by default) times a per-group scale, and
   ``lr_actions[i]`` multiplies that scale within bounds. Doing nothing follows the schedule.
 
@@ -25,7 +29,7 @@ import torch
 from .._validation import check_choice, check_finite, check_int, check_range
 from .features import STATE_DIM
 
-ACTION_MODES = ("multiplicative", "schedule")
+ACTION_MODES = ("anchored", "multiplicative", "schedule")
 _MASK64 = (1 << 64) - 1
 
 
@@ -55,7 +59,7 @@ class PolicyConfig:
     Args:
         lr_actions: lr multipliers to choose from (positive, at least one).
         wd_actions: weight-decay shifts to choose from, or ``None`` for no weight-decay head.
-        action_mode: ``"multiplicative"`` or ``"schedule"`` (see module doc).
+        action_mode: ``"anchored"``, ``"multiplicative"`` or ``"schedule"`` (see module doc).
         hidden_size: width of the two hidden layers.
         initial_keep_prob: initial probability of the "keep" action (the lr action closest to
             1, the weight-decay action closest to 0); ``None`` starts uniform. Starting near
@@ -78,7 +82,7 @@ class PolicyConfig:
 
     lr_actions: Sequence[float] = (0.5, 1.0, 2.0)
     wd_actions: Sequence[float] | None = (-1e-5, 0.0, 1e-5)
-    action_mode: str = "multiplicative"
+    action_mode: str = "anchored"
     hidden_size: int = 32
     initial_keep_prob: float | None = 0.8
     policy_lr: float = 1e-4

@@ -55,7 +55,7 @@ def test_the_seed_example_constructs():
 
 def test_multiplicative_actions_compound_within_bounds():
     """x2 and +1e-5 at every decision (steps 9, 19, ...); lr capped at 10x its initial value."""
-    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, greedy=True)
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, greedy=True, action_mode="multiplicative")
     force_actions(meta, lr_index=2, wd_index=2)
     lrs, wds = run(make_wrapper(meta), 50)
     expected_lr = [0.01] * 9 + [0.02] * 10 + [0.04] * 10 + [0.08] * 10 + [0.1] * 11
@@ -65,7 +65,7 @@ def test_multiplicative_actions_compound_within_bounds():
 
 
 def test_weight_decay_never_goes_negative():
-    meta = RLMetaOptimizer(update_frequency=5, seed=0, frozen=True, greedy=True)
+    meta = RLMetaOptimizer(update_frequency=5, seed=0, frozen=True, greedy=True, action_mode="multiplicative")
     force_actions(meta, lr_index=1, wd_index=0)
     lrs, wds = run(make_wrapper(meta, weight_decay=2e-5), 30)
     assert wds == pytest.approx([2e-5] * 4 + [1e-5] * 5 + [0.0] * 21, abs=1e-15)
@@ -182,7 +182,7 @@ def decide_sequence(meta, points, groups=None):
         ),
         # divergence is clipped
         (
-            {"reward_clip": 1.0},
+            {"reward_clip": 1.0, "breaker_factor": None},
             [(9, {"loss": 1.0}), (19, {"loss": math.exp(10.0)}), (29, {"loss": math.exp(10.0)})],
             [-1.0, 0.0],
         ),
@@ -388,6 +388,7 @@ def test_rl_learns_to_raise_a_too_small_learning_rate():
         "total_steps": 300,
         "batch_size": 32,
         "return_horizon": 10,
+        "action_mode": "multiplicative",
     }
     untrained = RLMetaOptimizer(seed=1, frozen=True, greedy=True, **kwargs)
     assert synthetic_episode(untrained) == pytest.approx(0.0125)

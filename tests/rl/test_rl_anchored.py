@@ -1,0 +1,268 @@
+"""Anchored actions (the default), untrained = base schedule, the circuit breaker, bad input,
+and behaviour pinned for issue 17 (non-finite policy gradient, episode end, weight-decay floor)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ray_metaopt import GroupState, OptimizerWrapper
+from ray_metaopt.rl import RLMetaOptimizer, load_policy, save_policy
+from ray_metaopt.rl.policy import PolicyConfig
+from ray_metaopt.rl.reinforce import Learner
+from ray_metaopt.rl.rewards import episode_rewards, interval_reward
+
+
+def force(meta, lr_index=None, wd_index=None):
+    net = meta.learner.network
+    with torch.no_grad():
+        if lr_index is not None:
+            net.lr_head.bias.fill_(-10.0)
+            net.lr_head.bias[lr_index] = 10.0
+        if wd_index is not None:
+            net.wd_head.bias.fill_(-10.0)
+            net.wd_head.bias[wd_index] = 10.0
+
+
+def sgd(lr=0.01, weight_decay=0.0):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr, weight_decay=weight_decay)
+
+
+def lrs_of(wrapper, steps, loss=lambda s: 1.0 / (1 + s), sched=None):
+    lrs, wds = [], []
+    for s in range(steps):
+        wrapper.update_hyperparameters({"loss": loss(s)})
+        lrs.append(wrapper.param_groups[0]["lr"])
+        wds.append(wrapper.param_groups[0]["weight_decay"])
+        if sched is not None:
+            wrapper.step()
+            sched.step()
+    return lrs, wds
+
+
+def test_anchored_is_the_default_and_x2_never_compounds():
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True)
+    assert meta.config.action_mode == "anchored" and meta.greedy  # frozen -> greedy
+    force(meta, lr_index=2, wd_index=1)
+    lrs, _ = lrs_of(OptimizerWrapper(sgd(), meta), 50)
+    assert lrs == [0.01] * 9 + [0.02] * 41  # x2 of the base, at every decision: stays 0.02
+
+
+def test_anchored_actions_are_relative_to_the_base_at_that_moment():
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, wd_actions=None)
+    w = OptimizerWrapper(sgd(), meta)
+    seen = []
+    for index in (2, 0, 1, 0):  # x2, x0.5, keep, x0.5
+        force(meta, lr_index=index)
+        for s in range(len(seen) * 10, len(seen) * 10 + 10):
+            w.update_hyperparameters({"loss": 1.0 / (1 + s)})
+        seen.append(w.param_groups[0]["lr"])
+    assert seen == [0.02, 0.005, 0.01, 0.005]
+
+
+def test_anchored_on_an_attached_scheduler_multiplies_its_value_and_keep_is_bit_exact():
+    def run(index, attach=True, wrapped=True):
+        torch.manual_seed(0)
+        meta = RLMetaOptimizer(update_frequency=5, seed=0, frozen=True, wd_actions=None)
+        force(meta, lr_index=index)
+        opt = sgd(0.1)
+        w = OptimizerWrapper(opt, meta) if wrapped else opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(w, T_max=40)
+        if attach and wrapped:
+            w.attach_scheduler(sched)
+        lrs = []
+        for s in range(40):
+            if wrapped:
+                w.update_hyperparameters({"loss": 1.0 / (1 + s)})
+            lrs.append(w.param_groups[0]["lr"])
+            w.step()
+            sched.step()
+        return lrs
+
+    plain = run(1, wrapped=False)
+    assert run(1) == plain  # keep: the scheduler's own values, bit for bit
+    doubled = run(2)
+    assert doubled[:4] == plain[:4]
+    assert doubled[4:] == pytest.approx([2 * x for x in plain[4:]], rel=1e-12)  # x2 of cosine(t), no drift
+
+
+def test_anchored_on_a_named_schedule_and_ramp():
+    total = 100
+    meta = RLMetaOptimizer(
+        update_frequency=10, total_steps=total, base_schedule="linear", anchor_warmup=0.5,
+        seed=0, frozen=True, wd_actions=None,
+    )
+    force(meta, lr_index=2)
+    lrs, _ = lrs_of(OptimizerWrapper(sgd(), meta), total)
+    for step in range(9, 89, 10):
+        p = (step + 1) / total
+        assert lrs[step] == pytest.approx(0.01 * (1 - p) * 2.0 ** min(1.0, p / 0.5), rel=1e-12)
+
+
+def test_frozen_fresh_policy_reproduces_the_base_schedule_bit_for_bit():
+    """A real model: a fresh, frozen RL meta-optimizer (defaults: lr and weight-decay heads) on a
+    cosine schedule trains exactly as the optimizer alone."""
+
+    def train(meta):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
+        w = OptimizerWrapper(opt, meta) if meta is not None else opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(w, T_max=60)
+        if meta is not None:
+            w.attach_scheduler(sched)
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        lrs = []
+        for s in range(60):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            w.zero_grad()
+            loss.backward()
+            if meta is not None:
+                w.update_hyperparameters({"loss": loss.detach(), "grad_norm": 1.0 + s})
+            w.step()
+            sched.step()
+            lrs.append((w.param_groups[0]["lr"], w.param_groups[0]["weight_decay"]))
+        return lrs, [p.detach().clone() for p in model.parameters()]
+
+    for seed in range(3):
+        meta = RLMetaOptimizer(update_frequency=5, seed=seed, frozen=True, total_steps=60)
+        got, params = train(meta)
+        ref, ref_params = train(None)
+        assert got == ref
+        assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+        assert meta.counters["decisions"] > 5
+
+
+def test_fresh_policy_greedy_action_is_keep_for_any_state():
+    cfg = PolicyConfig(seed=3)
+    learner = Learner(cfg)
+    rows = (torch.randn(200, cfg.state_dim) * 5).clamp(-5, 5).tolist()
+    lr_logp, wd_logp = learner.network.act_log_probs(rows)
+    assert all(max(range(3), key=r.__getitem__) == cfg.keep_lr_index for r in lr_logp)
+    assert all(max(range(3), key=r.__getitem__) == cfg.keep_wd_index for r in wd_logp)
+
+
+def test_weight_decay_is_anchored_and_floored_at_zero():
+    """Issue 17 item 21: the floor max(initial_wd + shift, 0) pinned on the proposal itself."""
+    meta = RLMetaOptimizer(update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-3], seed=0, frozen=True)
+    group = GroupState(0, "", "", 0.01, 4e-4, 0.01, 4e-4, 2)
+    (update,) = meta.update_hparams({"loss": 1.0}, 0, [group])
+    assert (update.hparam, update.value) == ("weight_decay", 0.0)
+    meta = RLMetaOptimizer(update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-4], seed=0, frozen=True)
+    (update,) = meta.update_hparams({"loss": 1.0}, 0, [GroupState(0, "", "", 0.01, 4e-4, 0.01, 4e-4, 2)])
+    assert update.value == pytest.approx(3e-4, rel=1e-12)
+    # anchored: the same shift again gives the same value (relative to the initial weight decay)
+    (update,) = meta.update_hparams({"loss": 1.0}, 1, [GroupState(0, "", "", 0.01, 2e-4, 0.01, 4e-4, 2)])
+    assert update.value == pytest.approx(3e-4, rel=1e-12)
+
+
+def test_multiplicative_weight_decay_floor_pinned_directly():
+    meta = RLMetaOptimizer(
+        update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-3], seed=0, frozen=True, action_mode="multiplicative"
+    )
+    (update,) = meta.update_hparams({"loss": 1.0}, 0, [GroupState(0, "", "", 0.01, 4e-4, 0.01, 4e-4, 2)])
+    assert update.value == 0.0
+
+
+def test_circuit_breaker_puts_the_lr_back_on_base_with_a_penalty_and_a_logged_reason():
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, wd_actions=None, gamma=0.0, return_horizon=1, batch_size=1000)
+    w = OptimizerWrapper(sgd(), meta)
+    # learning (sampling) policy: make it always pick x2
+    force(meta, lr_index=2)
+    loss = lambda s: 10.0 if s == 29 else 1.0  # noqa: E731
+    lrs, _ = lrs_of(w, 30, loss)
+    assert lrs[9] == lrs[19] == pytest.approx(0.02)
+    assert lrs[29] == 0.01  # tripped at step 29: back to the base lr
+    assert meta.counters["breaker_trips"] == 1
+    (trip,) = [d for d in w.decisions if "circuit breaker" in d.reason]
+    assert (trip.step, trip.new) == (29, 0.01)
+    assert meta.ready[-1]["ret"] == -meta.reward_clip  # the action before the spike is penalised
+    lrs, _ = lrs_of(w, 10, lambda s: 1.0)
+    assert lrs[-1] == pytest.approx(0.02)  # the policy acts again after the trip
+
+
+def test_no_breaker_when_disabled():
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, wd_actions=None, breaker_factor=None)
+    force(meta, lr_index=2)
+    lrs, _ = lrs_of(OptimizerWrapper(sgd(), meta), 30, lambda s: 10.0 if s == 29 else 1.0)
+    assert lrs[29] == pytest.approx(0.02) and meta.counters["breaker_trips"] == 0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        (lambda p: math.nan, r"base_schedule\(0.0\)=nan"),
+        (lambda p: 1.0 - 2 * p, r"base_schedule\(0.55\)=-0.1"),
+        (lambda p: math.inf if p > 0.9 else 1.0, r"base_schedule\(0.95\)=inf"),
+        (lambda p: 1.0 / (1.0 - p), r"base_schedule\(1.0\) failed"),
+    ],
+)
+def test_bad_base_schedule_is_rejected_at_construction(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        RLMetaOptimizer(base_schedule=schedule, total_steps=100)
+
+
+def test_anchored_named_schedule_needs_total_steps():
+    with pytest.raises(ValueError, match="needs total_steps"):
+        RLMetaOptimizer(base_schedule="cosine")
+
+
+def test_policy_file_of_another_action_space_or_feature_layout_is_rejected(tmp_path):
+    path = str(tmp_path / "p.pt")
+    save_policy(path, RLMetaOptimizer(seed=0, lr_actions=[0.5, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"lr_actions=\[0.5, 1.0, 2.0\] \(here \[0.8, 1.0, 1.25\]\)"):
+        RLMetaOptimizer(policy_path=path, lr_actions=[0.8, 1.0, 1.25])
+    with pytest.raises(ValueError, match="action_mode='anchored' \\(here 'multiplicative'\\)"):
+        RLMetaOptimizer(policy_path=path, action_mode="multiplicative")
+    state = load_policy(path)
+    other_layout = dict(state, features=list(reversed(state["features"])))
+    with pytest.raises(ValueError, match="another state layout"):
+        save_policy(str(tmp_path / "q.pt"), other_layout)
+    weights = dict(state["weights"])
+    weights["body.0.weight"] = torch.zeros(32, 5)
+    with pytest.raises(ValueError, match=r"'body.0.weight' has shape \(32, 5\)"):
+        save_policy(str(tmp_path / "q.pt"), dict(state, weights=weights, features=None))
+
+
+def test_non_finite_policy_gradient_with_finite_loss_changes_nothing():
+    """Issue 17 item 18: a NaN gradient (here from a gradient hook, the loss stays finite)."""
+    learner = Learner(PolicyConfig(batch_size=2, seed=0))
+    t = {"rows": [[0.1] * learner.config.state_dim], "lr": [1], "wd": [1], "logp": -0.5,
+         "ret": 0.1, "progress": None, "decision": 0, "version": 0}
+    learner.update([t, dict(t, lr=[2], ret=-0.1)])
+    before = {k: v.clone() for k, v in learner.network.state_dict().items()}
+    version = learner.version
+    handle = learner.network.lr_head.weight.register_hook(lambda g: g * math.nan)
+    metrics = learner.update([t, dict(t, lr=[2], ret=-0.1)])
+    handle.remove()
+    after = learner.network.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert learner.version == version and metrics["policy/skipped_updates"] == 1
+
+
+def test_episode_of_99_steps_every_10_ends_on_time_and_learns_its_transitions():
+    """Issue 17 item 19: decisions at 9, 19, ..., 89; the one at 89 ends the episode (89 + 10 >= 99)."""
+    meta = RLMetaOptimizer(total_steps=99, update_frequency=10, seed=0, wd_actions=None, batch_size=32)
+    w = OptimizerWrapper(sgd(), meta)
+    lrs_of(w, 99)
+    assert meta.episode_done
+    assert meta.counters["decisions"] == 8  # 9..79 act; 89 only rewards and ends
+    assert meta.counters["transitions"] == 8 and meta.pending == [] and meta.ready == []
+    assert meta.learner.updates == 1
+
+
+def test_benchmark_scores_episodes_with_the_policys_own_reward_code():
+    """rewards.episode_rewards gives exactly the rewards the meta-optimizer received."""
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, gamma=0.0, return_horizon=1, batch_size=1000,
+                           reward_clip=0.3, wd_actions=None, breaker_factor=None)
+    losses = [1.0, 0.5, 0.45, 0.6, 0.3]
+    steps = [9, 19, 29, 39, 49]
+    for s, loss in zip(steps, losses):
+        meta.update_hparams({"loss": loss}, s, [GroupState(0, "", "", 0.01, None, 0.01, None, 2)])
+    got = [t["ret"] for t in meta.ready]
+    expected = episode_rewards([math.log(x) for x in losses], steps, 10, reward_clip=0.3)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[0] == 0.3 and interval_reward(0.0, 1.0, 10, 10, reward_clip=0.3) == -0.3
