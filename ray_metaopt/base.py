@@ -141,23 +141,18 @@ class MetaOptimizer(abc.ABC):
         self.next_update_step = self.update_frequency - 1
         self.last_update_step: int | None = None
         self._last_monitored: float | None = None
-        self._retry = False
 
     def should_update(self, step: int) -> bool:
         """Whether a decision is due at ``step`` (0-based; the first comes after ``update_frequency`` steps).
 
         A pure question about ``step``: due at ``next_update_step`` and every ``interval`` steps
-        after it until a decision is made (a missed step does not make every later step due).
-        The one exception: after a decision was skipped for a non-finite metric
-        (:meth:`decision_skipped`), every step from ``next_update_step`` on is due until one decides.
+        after it until a decision is made (a missed step does not make every later step due), and
+        asking changes nothing. (The wrapper adds one exception: after it skipped a decision for a
+        non-finite metric, it retries at each following step until one decides.)
         """
         if step < self.next_update_step:
             return False
-        return self._retry or (step - self.next_update_step) % self.interval == 0
-
-    def decision_skipped(self, step: int) -> None:
-        """Record that the decision due at ``step`` was skipped (non-finite metrics): retry next step."""
-        self._retry = True
+        return (step - self.next_update_step) % self.interval == 0
 
     # ----------------------------------------------------------------- deciding
     def update_hparams(
@@ -169,7 +164,6 @@ class MetaOptimizer(abc.ABC):
         decision (no state changes, empty list) and the next step is due again.
         """
         if first_non_finite(metrics) is not None:
-            self.decision_skipped(step)
             return []
         if getattr(self, "_atomic_outside", False):  # the caller restores the state on failure
             return self._decide_and_schedule(metrics, step, groups)
@@ -217,7 +211,6 @@ class MetaOptimizer(abc.ABC):
             self._last_monitored = current
         self.last_update_step = step
         self.next_update_step = step + self.interval
-        self._retry = False
 
     # ----------------------------------------------------------------- bounds
     def lr_bounds(self, group: GroupState) -> tuple[float, float]:
@@ -267,7 +260,6 @@ class MetaOptimizer(abc.ABC):
             "next_update_step": self.next_update_step,
             "last_update_step": self.last_update_step,
             "last_monitored": self._last_monitored,
-            "retry": self._retry,
             "state": self._learning_state(),
         }
 
@@ -301,7 +293,6 @@ class MetaOptimizer(abc.ABC):
         self.next_update_step = next_update_step
         self.last_update_step = last
         self._last_monitored = monitored
-        self._retry = bool(state.get("retry", False))
         for attr, value in learning.items():
             setattr(self, attr, value)
 

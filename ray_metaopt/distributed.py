@@ -181,7 +181,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
         bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
         if bad is not None:
             self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]} (mean over ranks)"))
-            self.meta_optimizer.decision_skipped(step)
+            self._retry = True
             applied: list[Decision] = []
         else:
             applied = self._decide_and_apply(values, step)
@@ -201,7 +201,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
                 "next_update_step": meta.next_update_step,
                 "last_update_step": meta.last_update_step,
                 "last_monitored": meta._last_monitored,
-                "retry": meta._retry,
+                "retry": self._retry,
             },
         }
         if self.sync_state:
@@ -241,7 +241,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
         meta.next_update_step = schedule["next_update_step"]
         meta.last_update_step = schedule["last_update_step"]
         meta._last_monitored = schedule["last_monitored"]
-        meta._retry = schedule.get("retry", False)
+        self._retry = schedule.get("retry", False)
         return decisions
 
     def __repr__(self) -> str:

@@ -101,6 +101,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         self._metrics = MetricAccumulator(metric_reduction)
         self._schedulers: list[Any] = []
         self._step_count = 0
+        self._retry = False  # a decision was skipped for a non-finite metric: retry at the next step
         self._initial: list[tuple[float, float | None]] = []
         self._record_initial_values()
         # The same hook tables torch.optim.Optimizer.__init__ creates, so hooks registered on the
@@ -239,7 +240,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         Returns:
             The decisions applied now (empty on most steps).
         """
-        before = (self._step_count, self._metrics.snapshot())
+        before = (self._step_count, self._metrics.snapshot(), self._retry)
         try:
             step, values = self._collect(metrics, step)
             if values is None:
@@ -247,13 +248,14 @@ class OptimizerWrapper(torch.optim.Optimizer):
             bad = first_non_finite(values)
             if bad is not None:
                 self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]}"))
-                self.meta_optimizer.decision_skipped(step)
+                self._retry = True
                 return []
             return self._decide_and_apply(values, step)
         except BaseException:
             # A rejected call changes nothing: the next call sees the wrapper as it was.
             self._step_count = before[0]
             self._metrics.restore(before[1])
+            self._retry = before[2]
             raise
 
     def _decide_and_apply(self, values: dict[str, float], step: int) -> list[Decision]:
@@ -268,6 +270,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
             finally:
                 meta._atomic_outside = False
             plan = self._plan_updates(updates, step, groups)
+        self._retry = False
         return self._apply_plan(plan, step, groups)
 
     def _collect(self, metrics: Mapping[str, Any], step: int | None) -> tuple[int, dict[str, float] | None]:
@@ -280,7 +283,8 @@ class OptimizerWrapper(torch.optim.Optimizer):
             raise TypeError(f"step must be a non-negative int or None, got step={step!r}")
         self._step_count = step + 1
         self._metrics.add(metrics)
-        if not self.meta_optimizer.should_update(step):
+        meta = self.meta_optimizer
+        if not (meta.should_update(step) or (self._retry and step >= meta.next_update_step)):
             return step, None
         values = self._metrics.reduce()
         self._metrics.clear()
@@ -438,6 +442,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         state["meta_optimizer"] = self.meta_optimizer.state_dict()
         state["meta_wrapper"] = {
             "step_count": self._step_count,
+            "retry": self._retry,
             "initial": [list(v) for v in self._initial],
             "metrics": self._metrics.state_dict(),
             "log": self.log.state_dict(),
@@ -478,6 +483,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
         if wrapper_parsed is not None:
             step_count, initial, metrics, log_state = wrapper_parsed
             self._step_count = step_count
+            self._retry = bool(wrapper_state.get("retry", False))
             self._initial = initial
             self._metrics.reduction, self._metrics._values, self._metrics._counts = metrics
             self.log.load_state_dict(log_state)

@@ -133,15 +133,24 @@ def test_should_update_is_a_pure_question_per_step():
     assert meta.state_dict()["next_update_step"] == 4
 
 
-def test_should_update_retries_after_a_skipped_non_finite_decision():
+def test_skipped_non_finite_decision_is_retried_by_the_wrapper_without_changing_the_strategy():
     meta = ScaleEvery(update_frequency=5)
-    assert meta.update_hparams({"loss": math.nan}, 4) == []
-    assert [s for s in range(4, 8) if meta.should_update(s)] == [4, 5, 6, 7]  # the documented exception
-    meta.update_hparams({"loss": 1.0}, 5)
-    assert [s for s in range(5, 16) if meta.should_update(s)] == [10, 15]
-    restored = ScaleEvery(update_frequency=5)
-    restored.load_state_dict(meta.state_dict())
-    assert [s for s in range(5, 16) if restored.should_update(s)] == [10, 15]
+    _, groups = two_group_model()
+    w = OptimizerWrapper(torch.optim.SGD(groups, lr=0.1), meta)
+    for step in range(4):
+        w.update_hyperparameters({"loss": 1.0}, step)
+    before = meta.state_dict()
+    assert w.update_hyperparameters({"loss": math.nan}, 4) == []
+    assert meta.state_dict() == before  # the strategy is untouched, and still answers per step
+    assert [s for s in range(4, 10) if meta.should_update(s)] == [4, 9]
+    assert w.update_hyperparameters({"loss": math.inf}, 5) == []  # the documented exception: retried
+    assert len(w.update_hyperparameters({"loss": 1.0}, 6)) == 2
+    assert meta.calls == 1 and meta.next_update_step == 11
+    assert w.update_hyperparameters({"loss": 1.0}, 7) == []  # no retry after it decided
+    restored = OptimizerWrapper(torch.optim.SGD(two_group_model()[1], lr=0.1), ScaleEvery(update_frequency=5))
+    w.update_hyperparameters({"loss": math.nan}, 11)
+    restored.load_state_dict(w.state_dict())
+    assert len(restored.update_hyperparameters({"loss": 1.0}, 12)) == 2
 
 
 def test_rejected_strategy_state_dict_changes_nothing():
