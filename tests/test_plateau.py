@@ -7,6 +7,7 @@ expected sequence.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -16,7 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ray_metaopt import AdaptiveFrequency, OptimizerWrapper
-from ray_metaopt.plateau import AdvancedPlateauMetaOptimizer, PlateauMetaOptimizer, relative_slope, slope
+from ray_metaopt import plateau
+from ray_metaopt.plateau import relative_slope, slope
+
+# The per-step tables below pin the strict (torch-exact) rule, which a metric named "loss" gets only
+# when asked for (noise_aware="auto" is noise-aware there): every table states it explicitly.
+# The noise-aware rule has its own tests at the end of this file.
+PlateauMetaOptimizer = functools.partial(plateau.PlateauMetaOptimizer, noise_aware=False)
+AdvancedPlateauMetaOptimizer = functools.partial(plateau.AdvancedPlateauMetaOptimizer, noise_aware=False)
 
 LR = 0.1
 
@@ -776,7 +784,7 @@ BAD_ARGS = [
 
 
 @pytest.mark.parametrize(
-    "cls, kwargs, error, match", BAD_ARGS, ids=[f"{c.__name__}-{k}" for c, k, _, _ in BAD_ARGS]
+    "cls, kwargs, error, match", BAD_ARGS, ids=[f"{c.func.__name__}-{k}" for c, k, _, _ in BAD_ARGS]
 )
 def test_bad_arguments(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -905,3 +913,141 @@ def test_lrs_and_weight_decays_stay_finite_and_bounded(
             assert 0.0 <= g["weight_decay"] <= (max_wd if max_wd is not None else math.inf)
         assert opt.param_groups[1]["weight_decay"] == 0.0  # the no-decay group stays at 0
     assert all(math.isfinite(d.new) for d in opt.decisions)
+
+
+# ----------------------------------------------------------------------------- noise-aware rule
+NOISY_CLASSES = [plateau.PlateauMetaOptimizer, plateau.AdvancedPlateauMetaOptimizer]
+
+
+def _noisy_stream(level, steps, sigma, seed):
+    rng = random.Random(seed)
+    return [level(t) * (1.0 + sigma * rng.gauss(0.0, 1.0)) for t in range(steps)]
+
+
+def _cut_steps(meta, values):
+    model, opt = build(meta)
+    run(model, opt, losses(*values))
+    return [d.step for d in opt.decisions if d.hparam == "lr" and d.new < d.old]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("cls", NOISY_CLASSES, ids=lambda c: c.__name__)
+def test_noisy_decreasing_loss_is_never_cut(cls, seed):
+    # A minibatch loss falling from 1.0 to 0.55 over 400 steps, with 10% noise on every value:
+    # the seed's call (patience=3, a decision every step on "loss") must not cut it.
+    values = _noisy_stream(lambda t: 1.0 - 0.45 * t / 400, 400, 0.1, seed)
+    meta = cls(patience=3, lr_factor=0.5)
+    assert meta.noise_aware  # "loss" is a per-step minibatch metric: noise-aware by default
+    assert _cut_steps(meta, values) == []
+    # torch's strict rule on the same stream cuts again and again (what users saw).
+    assert len(_cut_steps(cls(patience=3, lr_factor=0.5, noise_aware=False), values)) >= 10
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("cls", NOISY_CLASSES, ids=lambda c: c.__name__)
+def test_noisy_flat_loss_is_cut_after_patience(cls, seed):
+    values = _noisy_stream(lambda t: 1.0, 400, 0.2, seed)
+    meta = cls(patience=3, lr_factor=0.5, trend_window=5) if cls is NOISY_CLASSES[1] else cls(3, 0.5)
+    cuts = _cut_steps(meta, values)
+    assert len(cuts) >= 2, cuts
+    # No cut before 2 * window values plus patience + 1 bad decisions; each cut restarts the count.
+    assert meta.window == 60
+    assert cuts[0] >= 2 * meta.window - 1 + meta.patience + 1
+    assert all(b - a >= 2 * meta.window + meta.patience for a, b in zip(cuts, cuts[1:])), cuts
+
+
+def test_noise_aware_counts_nothing_before_the_window_is_full():
+    meta = plateau.PlateauMetaOptimizer(patience=0, lr_factor=0.5, window=5)
+    # a rising loss: strict patience=0 would cut at the 2nd decision; noise-aware waits for
+    # 2 * window = 10 values (the 10th only sets the best), then cuts at the first bad decision.
+    cuts = _cut_steps(meta, [float(v) for v in range(1, 13)])
+    assert cuts == [10]
+    assert meta.recent == [12.0] and meta.num_cuts == 1
+
+
+@pytest.mark.parametrize(
+    "monitor, expected", [("loss", True), ("train_loss", True), ("val_loss", False), ("eval_loss", False)]
+)
+def test_noise_aware_auto_follows_the_monitor(monitor, expected):
+    assert plateau.PlateauMetaOptimizer(monitor=monitor).noise_aware is expected
+    assert plateau.AdvancedPlateauMetaOptimizer(monitor=monitor).noise_aware is expected
+    assert plateau.PlateauMetaOptimizer(monitor=monitor, noise_aware=not expected).noise_aware is not expected
+
+
+def test_trainable_defaults_keep_the_strict_rule():
+    # The provided trainable decides at evaluations on val_loss: exact values, torch's rule.
+    from ray_metaopt.tune.builders import trial_meta_defaults
+
+    for name, cls in (("plateau", plateau.PlateauMetaOptimizer), ("advanced_plateau", NOISY_CLASSES[1])):
+        meta = cls(**trial_meta_defaults(name, 20))
+        assert meta.noise_aware is False and meta.monitor == "val_loss"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"noise_aware": "yes"}, TypeError, "noise_aware='yes'"),
+        ({"noise_aware": 1}, TypeError, "noise_aware=1"),
+        ({"window": 1}, ValueError, "window"),
+        ({"window": 2.5}, TypeError, "window"),
+        ({"noise_k": -1.0}, ValueError, "noise_k"),
+        ({"noise_k": math.nan}, ValueError, "noise_k"),
+    ],
+)
+@pytest.mark.parametrize("cls", NOISY_CLASSES, ids=lambda c: c.__name__)
+def test_noise_aware_arguments_are_validated(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+def test_noise_aware_grad_norm_rule_needs_a_sustained_rise():
+    meta = plateau.PlateauMetaOptimizer(patience=1000, grad_norm_threshold=1.0, window=5)
+    model, opt = build(meta)
+    spikes = [{"loss": 1.0, "grad_norm": g} for g in (0.1, 50.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1)]
+    run(model, opt, spikes)
+    assert [d for d in opt.decisions if d.hparam == "weight_decay"] == []  # one spike: no change
+    run(model, opt, [{"loss": 1.0, "grad_norm": 2.0}] * 4)
+    # steps 6..10 hold 0.1, 0.1, 2, 2, 2: the median is above the threshold at step 10
+    assert [d.step for d in opt.decisions if d.hparam == "weight_decay"] == [10]
+
+
+@pytest.mark.parametrize("resume_at", [70, 131])
+@pytest.mark.parametrize("cls", NOISY_CLASSES, ids=lambda c: c.__name__)
+def test_noise_aware_resume_is_bit_exact(cls, resume_at, tmp_path):
+    values = _noisy_stream(lambda t: 1.0, 220, 0.2, 3)
+    factory = lambda: cls(patience=3, lr_factor=0.5, window=20, grad_norm_threshold=0.5)  # noqa: E731
+    rows = [{"loss": v, "grad_norm": 1.0 if i % 50 < 25 else 0.1} for i, v in enumerate(values)]
+    model, opt = build(factory())
+    lrs, wds = run(model, opt, rows)
+    assert any(d.hparam == "lr" for d in opt.decisions)
+    model2, opt2 = build(factory())
+    run(model2, opt2, rows[:resume_at])
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict()}, path)
+    ckpt = torch.load(path, weights_only=True)
+    model3, opt3 = build(factory())
+    model3.load_state_dict(ckpt["model"])
+    opt3.load_state_dict(ckpt["opt"])
+    lrs3, wds3 = run(model3, opt3, rows[resume_at:], steps=list(range(resume_at, len(rows))))
+    assert lrs3 == lrs[resume_at:] and wds3 == wds[resume_at:]
+    assert opt3.meta_optimizer.state_dict() == opt.meta_optimizer.state_dict()
+
+
+# ----------------------------------------------------------------------------- threshold=0 (issue 17)
+@pytest.mark.parametrize("threshold_mode", ["rel", "abs"])
+def test_threshold_zero_flat_loss_cuts_like_torch(threshold_mode):
+    # An equal value is no improvement (strict `<`): a flat loss cuts after patience + 1 decisions.
+    # With `<=` the best would be "improved" every decision and the lr would never drop.
+    meta = PlateauMetaOptimizer(patience=1, lr_factor=0.5, threshold=0.0, threshold_mode=threshold_mode)
+    model, opt = build(meta)
+    lrs, _ = run(model, opt, losses(1.0, 1.0, 1.0, 1.0, 1.0))
+    torch_opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        torch_opt, patience=1, factor=0.5, threshold=0.0, threshold_mode=threshold_mode
+    )
+    expected = []
+    for _ in range(5):
+        sched.step(1.0)
+        expected.append(torch_opt.param_groups[0]["lr"])
+    assert column(lrs) == approx(expected)
+    assert column(lrs) == approx([LR, LR, LR / 2, LR / 2, LR / 4])
