@@ -313,6 +313,37 @@ def build_param_space(args: argparse.Namespace, policy_name: str) -> dict[str, A
     return space
 
 
+_AUTH_HINT = (
+    "ray-metaopt: the Ray cluster at {address} refused this driver (Ray 2.60 token authentication: "
+    "InvalidAuthToken); connect with the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> "
+    "(or ~/.ray/auth_token); see docker/README.md, 'Token authentication'"
+)
+
+
+def _is_auth_refusal(error: BaseException, address: str) -> bool:
+    """Whether ``ray.init(address=...)`` most likely failed for want of an auth token.
+
+    Ray raises a bare ``ConnectionError`` (its ``InvalidAuthToken`` lines go only to the log), so
+    this asks: is token mode off in this driver while something listens at ``address``?
+    """
+    import os
+    import socket
+
+    if "auth" in str(error).lower():
+        return True
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return False
+    host, _, port = address.rpartition(":")
+    if address.startswith("ray://") or not host or not port.isdigit():
+        # "auto": Ray found a recorded cluster address but could not talk to it.
+        return address == "auto" and "failed to connect to ray cluster" in str(error).lower()
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def _init_ray(args: argparse.Namespace) -> bool:
     """Connect to ``--address`` or start a local Ray; returns whether this process started it."""
     import ray
@@ -320,7 +351,12 @@ def _init_ray(args: argparse.Namespace) -> bool:
     if ray.is_initialized():
         return False
     if args.address:
-        ray.init(address=args.address)
+        try:
+            ray.init(address=args.address)
+        except ConnectionError as e:
+            if _is_auth_refusal(e, args.address):
+                raise SystemExit(_AUTH_HINT.format(address=args.address)) from None
+            raise
     else:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     return True

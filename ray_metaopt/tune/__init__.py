@@ -26,13 +26,14 @@ from .reporting import (
     wrap_optimizer,
 )
 from .tasks import Task, TaskStep, available_tasks, make_task, register_task
-from .trainable import TrainingRun, metaopt_trainable, trainable_with_resources
+from .trainable import TrainingRun, metaopt_trainable, rebuild_from_result, trainable_with_resources
 
 # Experiment-level pieces; they import Ray, so they load on first use.
 _LAZY = {
     "MetaOptCallback": ".callbacks",
     "read_trajectory": ".callbacks",
     "MetaAwareScheduler": ".scheduler",
+    "MetaStopper": ".stopper",
     "meta_search_space": ".search_space",
     "meta_search_space_names": ".search_space",
     "register_meta_search_space": ".search_space",
@@ -52,6 +53,7 @@ def __getattr__(name: str):
 __all__ = [
     "MetaAwareScheduler",
     "MetaOptCallback",
+    "MetaStopper",
     "MetricsReporter",
     "Task",
     "TaskStep",
@@ -71,6 +73,7 @@ __all__ = [
     "metaopt_trainable",
     "plot_trajectories",
     "read_trajectory",
+    "rebuild_from_result",
     "register_meta_search_space",
     "register_strategy",
     "register_task",

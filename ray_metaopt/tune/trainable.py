@@ -389,4 +389,34 @@ def trainable_with_resources(resources: Any) -> Callable[[dict], None]:
     return tune.with_resources(metaopt_trainable_, resources)
 
 
-__all__ = ["TrainingRun", "metaopt_trainable", "trainable_with_resources"]
+def rebuild_from_result(result: Any, *, checkpoint: Any = None) -> TrainingRun:
+    """The :class:`TrainingRun` of a finished trial, at its checkpoint: model, wrapped optimizer
+    (with the meta-optimizer's state), lr schedule and task, ready to evaluate or train on.
+
+    Args:
+        result: a ``ray.tune.Result`` (``grid.get_best_result()``, ``grid[i]``) of
+            :func:`metaopt_trainable` (its ``config`` and ``checkpoint`` are used).
+        checkpoint: another ``tune.Checkpoint`` of that trial (default: ``result.checkpoint``,
+            the latest).
+
+    Example:
+        >>> run = rebuild_from_result(grid.get_best_result())
+        >>> run.model, run.wrapper, run.step          # the wrapper holds the strategy's state
+        >>> run.config = dataclasses.replace(run.config, max_steps=2000); run.train(lambda r, d: None)
+    """
+    checkpoint = checkpoint if checkpoint is not None else getattr(result, "checkpoint", None)
+    config = getattr(result, "config", None)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"result must be a ray.tune.Result with a config dict, got result={result!r}")
+    if checkpoint is None:
+        raise ValueError(
+            f"result has no checkpoint (trial {getattr(result, 'path', '?')}); the trainable checkpoints at "
+            "every checkpoint_interval evaluations and at the end, unless the trial diverged first"
+        )
+    run = TrainingRun(config)
+    with checkpoint.as_directory() as directory:
+        run.restore(directory)
+    return run
+
+
+__all__ = ["TrainingRun", "metaopt_trainable", "rebuild_from_result", "trainable_with_resources"]
