@@ -16,7 +16,7 @@ import argparse
 import json
 import time
 
-from ray_metaopt.tune import metaopt_trainable
+from ray_metaopt.tune import MetaStopper, metaopt_trainable
 
 LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 
@@ -70,29 +70,34 @@ def main(argv: list[str] | None = None) -> dict:
 
     exploits = CountExploits()
     started = time.perf_counter()
-    analysis = tune.run(
+    grid = tune.Tuner(
         metaopt_trainable,
-        config=config,
-        num_samples=args.num_trials or (2 if args.smoke else 8),
-        scheduler=pbt,
-        metric="val_loss",
-        mode="min",
-        reuse_actors=not args.no_reuse_actors,
-        storage_path=args.storage_path,
-        raise_on_failed_trial=False,
-        callbacks=[exploits],
-        verbose=0 if args.smoke else 1,
-    )
+        param_space=config,
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            num_samples=args.num_trials or (2 if args.smoke else 8),
+            scheduler=pbt,
+            reuse_actors=not args.no_reuse_actors,
+        ),
+        run_config=tune.RunConfig(
+            storage_path=args.storage_path,
+            stop=MetaStopper(metric="val_loss", mode="min"),  # divergence; says why in stop_reason
+            callbacks=[exploits],
+            verbose=0 if args.smoke else 1,
+        ),
+    ).fit()
     wall = time.perf_counter() - started
 
-    finished = [t for t in analysis.trials if "best_val_loss" in t.last_result]
+    finished = [r for r in grid if r.error is None and "best_val_loss" in r.metrics]
     summary = {
         "example": "pbt_with_metaopt",
-        "num_trials": len(analysis.trials),
-        "num_errored": sum(t.status == "ERROR" for t in analysis.trials),
-        "best_val_loss": min((t.last_result["best_val_loss"] for t in finished), default=None),
+        "num_trials": len(grid),
+        "num_errored": grid.num_errors,
+        "best_val_loss": min((r.metrics["best_val_loss"] for r in finished), default=None),
         "num_exploits": exploits.exploits,
-        "final_lrs": sorted(t.last_result["lr"] for t in finished),
+        "final_lrs": sorted(r.metrics["lr"] for r in finished),
+        "stop_reasons": sorted(r.metrics.get("stop_reason", "") for r in finished),
         "reuse_actors": not args.no_reuse_actors,
         "wall_seconds": round(wall, 1),
     }
