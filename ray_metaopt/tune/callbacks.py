@@ -400,9 +400,17 @@ class MetaOptCallback(Callback):
                     {k: _plain_scalar(decision.get(k)) for k in _DECISION_FIELDS if k in decision}
                 )
         if self.add_policy_stats_to_results and self._uses_shared_policy(trial):
+            if not self.policy_stats:
+                # The first result fixes progress.csv's header: wait (once, up to 10 s) for the
+                # stats so their keys are in it from the start.
+                ref = self._pending_stats if self._pending_stats is not None else self.policy_actor.stats.remote()
+                self._pending_stats = None
+                self._receive_stats(ref, timeout=10.0)
             # Tune lets callbacks extend the result in place: loggers after us record these too.
-            for key, value in self._scalar_policy_stats().items():
-                result.setdefault(f"{SHARED_STATS_PREFIX}{key}", value)
+            stats = self._scalar_policy_stats()
+            self._shared_keys = getattr(self, "_shared_keys", set()) | set(stats)
+            for key in sorted(self._shared_keys):  # a stable schema: a key once seen stays (NaN)
+                result.setdefault(f"{SHARED_STATS_PREFIX}{key}", stats.get(key, math.nan))
         self._remember_dir(trial)
         self._dirty.add(trial.trial_id)
 

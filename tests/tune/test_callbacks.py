@@ -281,6 +281,10 @@ def test_shared_policy_created_at_setup_fed_by_trials_and_saved(ray_session, tmp
     for result in grid:
         has_shared = any(k.startswith("shared/") for k in result.metrics)
         assert has_shared == (result.config["meta"] == "rl")
+        if has_shared:  # in progress.csv too: its header is fixed at the first result (issue 16)
+            with open(os.path.join(result.path, "progress.csv")) as f:
+                header = f.readline().strip().split(",")
+            assert "shared/policy/version" in header and "stop_reason" in header
 
     # Saved with save_policy; load_policy reads it back.
     assert callback.saved_policy_path == str(save_path)

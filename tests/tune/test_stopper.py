@@ -270,3 +270,25 @@ def test_rebuild_from_result_gives_the_trained_model_and_meta_state(ray_session,
     assert run._evaluate()["val_loss"] == pytest.approx(best.metrics["val_loss"])
     with pytest.raises(TypeError, match="result="):
         rebuild_from_result(object())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_readme_tune_block_runs_as_written(ray_session, capsys):
+    """The README's Tune example, shrunk (steps, samples) but otherwise exactly as written."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    section = readme[readme.index("## Ray Tune") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for old, new in (('"max_steps": 1000', '"max_steps": 40'), ('"eval_interval": 50', '"eval_interval": 10'),
+                     ("eval_interval=50", "eval_interval=10"), ("num_samples=4", "num_samples=2")):
+        assert old in code
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    grid = namespace["grid"]
+    assert grid.num_errors == 0 and len(grid) == 2
+    assert all(r.metrics["stop_reason"] in ("max_steps",) or r.metrics["stop_reason"].startswith("lr_floor")
+               for r in grid)
+    assert capsys.readouterr().out.count("\n") >= 2  # both prints ran
