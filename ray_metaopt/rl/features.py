@@ -14,6 +14,7 @@ the same vector whatever the task reports.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ def _clamp(x: float, clip: float) -> float:
 def _log_ratio(x: float, ref: float) -> float:
     if x <= 0.0 or ref <= 0.0:
         return 0.0
-    return math.log(x / ref)
+    return math.log(x) - math.log(ref)  # x / ref can underflow to 0 or overflow to inf
 
 
 class FeatureExtractor:
@@ -118,7 +119,8 @@ class FeatureExtractor:
 
     def log_loss(self, loss: float) -> float:
         """``log(loss - loss_floor)``, finite (a loss at or below the floor counts as 1e-12 above it)."""
-        return math.log(max(loss - self.loss_floor, 1e-12))
+        above = min(loss - self.loss_floor, sys.float_info.max)  # a finite loss near 1e308 minus a floor
+        return math.log(max(above, 1e-12))
 
     def observe(self, state: dict[str, Any], metrics: Mapping[str, float], step: int) -> None:
         """Fold one decision step's metrics into ``state``. ``metrics["loss"]`` is required."""

@@ -131,3 +131,14 @@ def test_group_features_lr_ratio_and_weight_decay_shift():
 def test_bad_arguments(kwargs, exc, fragment):
     with pytest.raises(exc, match=fragment):
         FeatureExtractor(**kwargs)
+
+
+def test_extreme_finite_inputs_never_raise_and_stay_finite():
+    # 1e300 -> 1e-300 losses, step times and lrs whose ratio under- or overflows a float.
+    fx = FeatureExtractor(update_frequency=1, loss_floor=-1e308)
+    state = fx.initial_state()
+    for step, (loss, t) in enumerate([(1e300, 1e300), (1e-300, 1e-300), (1.7e308, 1e-300)]):
+        fx.observe(state, {"loss": loss, "grad_norm": loss, "step_time": t}, step=step)
+        assert all(math.isfinite(x) for x in fx.global_features(state, step, 1))
+    g = GroupState(0, "", "", lr=1e-300, weight_decay=None, initial_lr=1e300, initial_weight_decay=None, num_params=1)
+    assert fx.group_features(g) == [-5.0, 0.0]
