@@ -230,12 +230,12 @@ class Runner:
         """One Tune experiment; returns (and keeps) the records of its trials."""
         from ray import tune
 
-        from ..tune import metaopt_trainable
+        from ..tune.trainable import trainable_with_resources
 
         recorder = _recorder_class()(self.size.eval_interval)
         started = time.monotonic()
         tuner = tune.Tuner(
-            tune.with_resources(metaopt_trainable, self._resources(cpus)),
+            trainable_with_resources(self._resources(cpus)),
             param_space=dict(param_space),
             tune_config=tune.TuneConfig(
                 metric="val_loss",
