@@ -52,7 +52,7 @@ def _two_group_trainable(config):
         weight_decay=0.01,
     )
     opt = OptimizerWrapper(
-        inner, PlateauMetaOptimizer(patience=0, lr_factor=0.5, threshold=0.5, update_frequency=4)
+        inner, PlateauMetaOptimizer(patience=0, lr_factor=0.5, threshold=0.5, update_frequency=4, noise_aware=False)
     )
     best = math.inf
     reported = 0

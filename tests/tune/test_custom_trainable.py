@@ -35,7 +35,7 @@ def _model_and_opt(lr=0.1, momentum=0.9, meta="plateau", meta_config=None):
         {"params": model[1].parameters(), "name": "head", "lr": lr / 10},
     ]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=1e-3)
-    config = {"patience": 0, "lr_factor": 0.5, "threshold": 1e9, "threshold_mode": "abs", "min_lr": 1e-4}
+    config = {"patience": 0, "lr_factor": 0.5, "threshold": 1e9, "threshold_mode": "abs", "min_lr": 1e-4, "noise_aware": False}
     return model, wrap_optimizer(optimizer, meta, meta_config if meta_config is not None else config)
 
 
