@@ -74,7 +74,8 @@ def main() -> None:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(
+        ray.init(  # "local": a stale cluster file left by `ray start` is not taken for a cluster
+            address="local",
             num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False
         )
     # Started by the driver, before the trials: an actor created inside a trial would live in its
