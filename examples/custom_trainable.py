@@ -123,24 +123,23 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_every": 20 if args.smoke else 100,
         "seed": tune.randint(0, 10_000),
     }
-    analysis = tune.run(
+    tuner = tune.Tuner(
         train_fn,
-        config=config,
-        num_samples=args.num_samples or (2 if args.smoke else 8),
-        metric="val_loss",
-        mode="min",
-        storage_path=args.storage_path,
-        raise_on_failed_trial=False,
-        verbose=0 if args.smoke else 1,
+        param_space=config,
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", num_samples=args.num_samples or (2 if args.smoke else 8)
+        ),
+        run_config=tune.RunConfig(storage_path=args.storage_path, verbose=0 if args.smoke else 1),
     )
-    finished = [t for t in analysis.trials if t.last_result.get("best_val_loss") is not None]
+    grid = tuner.fit()  # a ResultGrid; failed trials are in grid.errors, not raised
+    finished = [r.metrics for r in grid if r.error is None and (r.metrics or {}).get("best_val_loss") is not None]
     summary = {
         "example": "custom_trainable",
-        "num_trials": len(analysis.trials),
-        "num_errored": sum(t.status == "ERROR" for t in analysis.trials),
-        "best_val_loss": min((t.last_result["best_val_loss"] for t in finished), default=None),
-        "best_val_accuracy": max((t.last_result["val_accuracy"] for t in finished), default=None),
-        "num_decisions": sum(t.last_result["meta/num_decisions"] for t in finished),
+        "num_trials": len(grid),
+        "num_errored": grid.num_errors,
+        "best_val_loss": min((m["best_val_loss"] for m in finished), default=None),
+        "best_val_accuracy": max((m["val_accuracy"] for m in finished), default=None),
+        "num_decisions": sum(m["meta/num_decisions"] for m in finished),
     }
     ray.shutdown()
     print(json.dumps(summary))

@@ -54,33 +54,32 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": 64 if args.smoke else 256,
         "seed": tune.randint(0, 10_000),
     }
-    analysis = tune.run(
+    tuner = tune.Tuner(
         # Its own function object: tune.with_resources(metaopt_trainable) would change the shared one.
         trainable_with_resources({"cpu": 1, "gpu": args.gpus_per_trial}),
-        config=config,
-        num_samples=args.num_samples or (1 if args.smoke else 3),
-        metric="val_loss",
-        mode="min",
-        storage_path=args.storage_path,
-        raise_on_failed_trial=False,
-        verbose=0 if args.smoke else 1,
+        param_space=config,
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", num_samples=args.num_samples or (1 if args.smoke else 3)
+        ),
+        run_config=tune.RunConfig(storage_path=args.storage_path, verbose=0 if args.smoke else 1),
     )
+    grid = tuner.fit()  # a ResultGrid; failed trials are in grid.errors, not raised
 
     per_strategy: dict[str, dict] = {}
-    for trial in analysis.trials:
-        result = trial.last_result
-        if "best_val_loss" not in result:
+    for result in grid:
+        metrics = result.metrics or {}
+        if result.error is not None or "best_val_loss" not in metrics:
             continue
-        entry = per_strategy.setdefault(trial.config["meta"], {"best_val_loss": float("inf")})
-        if result["best_val_loss"] < entry["best_val_loss"]:
+        entry = per_strategy.setdefault(result.config["meta"], {"best_val_loss": float("inf")})
+        if metrics["best_val_loss"] < entry["best_val_loss"]:
             entry.update(
-                best_val_loss=result["best_val_loss"],
-                routing_entropy=result["moe/routing_entropy"],
-                expert_specialization=result["moe/expert_specialization"],
-                load_violation=result["moe/load_violation"],
-                gate_lr=result["lr/gate"],
-                expert_lr=result["lr/expert"],
-                num_decisions=result["meta/num_decisions"],
+                best_val_loss=metrics["best_val_loss"],
+                routing_entropy=metrics["moe/routing_entropy"],
+                expert_specialization=metrics["moe/expert_specialization"],
+                load_violation=metrics["moe/load_violation"],
+                gate_lr=metrics["lr/gate"],
+                expert_lr=metrics["lr/expert"],
+                num_decisions=metrics["meta/num_decisions"],
             )
     if not args.smoke:
         print(
@@ -94,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
     summary = {
         "example": "moe_expert_gate",
-        "num_trials": len(analysis.trials),
-        "num_errored": sum(t.status == "ERROR" for t in analysis.trials),
+        "num_trials": len(grid),
+        "num_errored": grid.num_errors,
         "best_val_loss": min((e["best_val_loss"] for e in per_strategy.values()), default=None),
         "per_strategy": per_strategy,
     }

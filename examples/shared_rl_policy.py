@@ -9,7 +9,7 @@ load with ``RLMetaOptimizer(policy_path=..., frozen=True)``.
 
 Run::
 
-    python examples/shared_rl_policy.py --smoke          # about a minute on 2 CPUs
+    python examples/shared_rl_policy.py --smoke          # under a minute on 2 CPUs
     python examples/shared_rl_policy.py --trials 16 --steps 2000 --address auto   # on a cluster
 
 The last line printed is one JSON object: ``num_trials``, ``trials_with_rollouts``,
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save-policy", default=None, help="file to save the learned policy to")
     args = p.parse_args()
     if args.smoke:
-        args.trials, args.steps = 4, 300
+        args.trials, args.steps = 4, 150
         args.num_cpus = args.num_cpus or 2
     return args
 

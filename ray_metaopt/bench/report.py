@@ -473,7 +473,7 @@ def render_report(
     lines.append(
         f"- RL (on {list(size.rl_tasks)}): `RLMetaOptimizer` deciding every {size.rl_update_every} steps with "
         f"policy {RL_POLICY}; trained through one shared policy actor (`MetaOptCallback`) on "
-        f"{len(size.rl_train_seeds)} fresh seeds × every grid lr, then evaluated frozen (sampling actions) on the "
+        f"{len(size.rl_train_seeds)} fresh seeds × every grid lr, then evaluated frozen (the mean readout of its action distribution: keep moved by what it learned) on the "
         "evaluation seeds. Controls: untrained policy (frozen initial weights), state-blind policy (trained weights, "
         "all-zero state), replay of the trained policy's geometric-mean lr trajectory."
     )

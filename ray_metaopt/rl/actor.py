@@ -384,14 +384,15 @@ class PolicyClient:
     between it is one clock read: a trial deciding every few milliseconds makes no Ray call per
     decision). When the actor is unreachable (not started yet, dead, restarting) the client keeps
     up to ``max_outbox`` segments, drops older ones (counted) and retries the connection by name
-    every ``reconnect_interval_s`` seconds.
+    every ``reconnect_interval_s`` seconds. A segment whose send failed because the actor died
+    goes back into the outbox and is delivered to the restarted (or newly started) actor.
 
     Args:
         name: the actor's name.
         namespace: its Ray namespace.
         sync_interval_s: seconds between two checks for new weights (and for failed sends).
         reconnect_interval_s: seconds between connection attempts.
-        max_outbox: segments kept while disconnected.
+        max_outbox: segments kept while disconnected (failed sends included).
         source: id reported with the transitions (default: Tune trial id, else host:pid).
     """
 
@@ -418,7 +419,9 @@ class PolicyClient:
         self._next_sync = 0.0
         self._weights_ref: Any = None
         self._synced = False  # got an answer from the current connection
-        self._inflight: list[Any] = []
+        # (ref, transitions, connection number): a failed send of an older connection must not
+        # drop the current one.
+        self._inflight: list[tuple[Any, list[dict[str, Any]], int]] = []
         self._outbox: list[list[dict[str, Any]]] = []
         self._warned: set[str] = set()
         self.counters = {
@@ -426,6 +429,7 @@ class PolicyClient:
             "actor_errors": 0,
             "segments_sent": 0,
             "segments_dropped": 0,
+            "segments_requeued": 0,
             "weight_updates": 0,
         }
 
@@ -457,6 +461,13 @@ class PolicyClient:
             self._submit(transitions)
         return True
 
+    def _keep(self, transitions: list[dict[str, Any]]) -> None:
+        """Put a segment in the bounded outbox (the oldest one is dropped, and counted, when full)."""
+        self._outbox.append(transitions)
+        if len(self._outbox) > self.max_outbox:
+            self._outbox.pop(0)
+            self.counters["segments_dropped"] += 1
+
     def _warn_once(self, key: str, why: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -477,7 +488,8 @@ class PolicyClient:
         self._next_connect = time.monotonic() + self.reconnect_interval_s
 
     def _submit(self, transitions: list[dict[str, Any]]) -> None:
-        self._inflight.append(self._handle.submit.remote(transitions, self.source))
+        ref = self._handle.submit.remote(transitions, self.source)
+        self._inflight.append((ref, transitions, self.counters["connects"]))
         self.counters["segments_sent"] += 1
 
     def _check_inflight(self, timeout: float = 0.0) -> None:
@@ -485,24 +497,32 @@ class PolicyClient:
             return
         import ray
 
-        ready, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=timeout)
+        segments = {entry[0]: entry for entry in self._inflight}
+        ready, waiting = ray.wait(list(segments), num_returns=len(segments), timeout=timeout)
+        self._inflight = [segments[ref] for ref in waiting]
         for ref in ready:
+            _, transitions, connection = segments[ref]
             try:
                 ray.get(ref)  # ready: returns at once
             except ray.exceptions.RayActorError:
-                self._lost()
+                # The actor died before taking the segment: keep it for the next actor.
+                if self._handle is not None and connection == self.counters["connects"]:
+                    self._lost()
+                self._keep(transitions)
+                self.counters["segments_requeued"] += 1
             except ray.exceptions.RayError:
-                self.counters["actor_errors"] += 1
+                self.counters["actor_errors"] += 1  # the actor raised on it: resending would too
+        if self._handle is not None and self._outbox:  # sends of a dead connection, to the live one
+            outbox, self._outbox = self._outbox, []
+            for transitions in outbox:
+                self._submit(transitions)
 
     def send(self, transitions: list[dict[str, Any]]) -> None:
         """Hand finished transitions to the actor without waiting."""
         if self._connect():
             self._submit(transitions)
             return
-        self._outbox.append(transitions)
-        if len(self._outbox) > self.max_outbox:
-            self._outbox.pop(0)
-            self.counters["segments_dropped"] += 1
+        self._keep(transitions)
 
     def poll(self, known_version: int) -> dict[str, Any] | None:
         """New weights (``{"version", "weights", "signature"}``) if they have arrived, else ``None``."""
@@ -537,12 +557,14 @@ class PolicyClient:
     def drain(self, timeout_s: float = 5.0) -> None:
         """Wait up to ``timeout_s`` for sent segments to land (end of training only: it blocks)."""
         deadline = time.monotonic() + timeout_s
-        while self._outbox and time.monotonic() < deadline:
-            self._next_connect = 0.0  # retry now: the run is over, waiting is allowed
-            if self._connect():
-                break
-            time.sleep(0.2)
-        self._check_inflight(timeout=max(0.0, deadline - time.monotonic()))
+        while (self._outbox or self._inflight) and time.monotonic() < deadline:
+            if self._outbox:
+                self._next_connect = 0.0  # retry now: the run is over, waiting is allowed
+                if not self._connect():
+                    time.sleep(0.2)
+                    continue
+            # Failed sends come back to the outbox and go round again while time is left.
+            self._check_inflight(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
 
     def stats(self) -> dict[str, Any]:
         return {

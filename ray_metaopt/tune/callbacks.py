@@ -313,17 +313,31 @@ class MetaOptCallback(Callback):
             except ray.exceptions.RayError as e:  # e.g. the actor died for good
                 logger.warning("MetaOptCallback: could not ask the policy actor for stats: %s", e)
 
-    def _receive_stats(self, ref: Any, timeout: float) -> None:
+    def _refresh_actor(self) -> bool:
+        """After a call failed because the actor died: look the actor up again by name (it may have
+        been started again, by Ray or by hand). Returns whether a live handle was found."""
+        try:
+            self.policy_actor = ray.get_actor(self.policy_name, namespace=self.policy_namespace)
+        except ValueError:
+            return False
+        return True
+
+    def _receive_stats(self, ref: Any, timeout: float) -> bool:
+        """Take a stats reply; on a dead actor look it up again by name. Returns whether it worked."""
         try:
             stats = ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayActorError as e:
+            logger.warning("MetaOptCallback: policy actor gone (%s); looking it up again by name", e)
+            self._refresh_actor()
+            return False
         except (ray.exceptions.RayError, TimeoutError) as e:
             logger.warning("MetaOptCallback: policy stats unavailable: %s", e)
-            return
+            return False
         if not isinstance(stats, Mapping):
             logger.warning(
                 "MetaOptCallback: policy actor returned stats of type %s, ignored", type(stats).__name__
             )
-            return
+            return False
         self.policy_stats = dict(stats)
         self.policy_stats_history.append((time.time(), self.policy_stats))
         logger.info(
@@ -335,6 +349,7 @@ class MetaOptCallback(Callback):
             stats.get("policy/mean_return"),
             stats.get("rollouts/dropped_stale"),
         )
+        return True
 
     def fetch_policy_stats(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Ask the policy actor for its stats now and wait up to ``timeout`` seconds for them."""
@@ -343,13 +358,17 @@ class MetaOptCallback(Callback):
         timeout = self.stats_timeout_s if timeout is None else timeout
         ref = self._pending_stats
         self._pending_stats = None
-        if ref is None:
-            try:
-                ref = self.policy_actor.stats.remote()
-            except ray.exceptions.RayError as e:
-                logger.warning("MetaOptCallback: could not ask the policy actor for stats: %s", e)
-                return self.policy_stats
-        self._receive_stats(ref, timeout=timeout)
+        for _ in range(2):  # a second time with the handle looked up again, if the actor was replaced
+            handle = self.policy_actor
+            if ref is None:
+                try:
+                    ref = handle.stats.remote()
+                except ray.exceptions.RayError as e:
+                    logger.warning("MetaOptCallback: could not ask the policy actor for stats: %s", e)
+                    return self.policy_stats
+            if self._receive_stats(ref, timeout=timeout) or self.policy_actor is handle:
+                break
+            ref = None
         return self.policy_stats
 
     def _scalar_policy_stats(self) -> dict[str, Any]:
@@ -453,7 +472,12 @@ class MetaOptCallback(Callback):
 
         path = os.fspath(path)
         try:
-            state = ray.get(self.policy_actor.policy_state.remote(), timeout=self.stats_timeout_s)
+            try:
+                state = ray.get(self.policy_actor.policy_state.remote(), timeout=self.stats_timeout_s)
+            except ray.exceptions.RayActorError:
+                if not self._refresh_actor():  # replaced? save the live actor's policy
+                    raise
+                state = ray.get(self.policy_actor.policy_state.remote(), timeout=self.stats_timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as e:
             logger.error("MetaOptCallback: could not fetch the policy state to save it to %s: %s", path, e)
             return None

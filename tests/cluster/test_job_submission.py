@@ -21,7 +21,7 @@ import pytest
 from local_cluster import LocalRayCluster
 
 REPO = Path(__file__).resolve().parents[2]
-TRIALS, STEPS = 4, 300
+TRIALS, STEPS = 4, 150
 
 
 def _last_json_line(text: str) -> dict:

@@ -268,11 +268,6 @@ def test_four_concurrent_trials_feed_one_policy(ray_session, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 17 item 12: sends that fail while the actor is away are dropped, so after a restart the actor "
-    "may learn nothing more before the trials end (assert 3 > 3); fails on b8e2580 under load as well",
-)
 def test_killing_the_actor_mid_run_fails_no_trial_and_loses_at_most_one_interval(ray_session, tmp_path):
     ray = ray_session
     actor = start_policy_actor(
@@ -295,7 +290,15 @@ def test_killing_the_actor_mid_run_fails_no_trial_and_loses_at_most_one_interval
     assert stats["actor/restored_version"] >= before
     assert stats["policy/version"] > stats["actor/restored_version"]  # and learning went on
     assert len(stats["rollouts/transitions_per_trial"]) == 2
-    assert all(r["rl/decisions"] == 1200 // 5 - 1 for r in results)
+    # Every decision point acted (a circuit-breaker trip is a decision that returns to the base lr).
+    acted = [r["rl/decisions"] + r["rl/breaker_trips"] for r in results]
+    assert acted == [1200 // 5 - 1] * 2, acted
+    # Sends that failed while the actor was away were re-queued and delivered to the restarted
+    # actor: what it lost is at most what arrived after its last checkpoint (issue 17 item 12: <= 2%).
+    sent = sum(r["rl/sent_transitions"] for r in results)
+    received = sum(stats["rollouts/transitions_per_trial"].values())
+    print(f"actor kill: {received} of {sent} transitions received")
+    assert received >= 0.98 * sent, (received, sent, results)
     for handle in [*trials, actor]:
         ray.kill(handle)
 

@@ -43,15 +43,16 @@ def lrs_of(wrapper, steps, loss=lambda s: 1.0 / (1 + s), sched=None):
 
 
 def test_anchored_is_the_default_and_x2_never_compounds():
-    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True)
-    assert meta.config.action_mode == "anchored" and meta.greedy  # frozen -> greedy
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, frozen_action="greedy")
+    assert meta.config.action_mode == "anchored" and meta.greedy
+    assert RLMetaOptimizer(frozen=True).frozen_action == "mean"  # the default readout of a frozen policy
     force(meta, lr_index=2, wd_index=1)
     lrs, _ = lrs_of(OptimizerWrapper(sgd(), meta), 50)
     assert lrs == [0.01] * 9 + [0.02] * 41  # x2 of the base, at every decision: stays 0.02
 
 
 def test_anchored_actions_are_relative_to_the_base_at_that_moment():
-    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, wd_actions=None)
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, frozen_action="greedy", wd_actions=None)
     w = OptimizerWrapper(sgd(), meta)
     seen = []
     for index in (2, 0, 1, 0):  # x2, x0.5, keep, x0.5
@@ -65,7 +66,7 @@ def test_anchored_actions_are_relative_to_the_base_at_that_moment():
 def test_anchored_on_an_attached_scheduler_multiplies_its_value_and_keep_is_bit_exact():
     def run(index, attach=True, wrapped=True):
         torch.manual_seed(0)
-        meta = RLMetaOptimizer(update_frequency=5, seed=0, frozen=True, wd_actions=None)
+        meta = RLMetaOptimizer(update_frequency=5, seed=0, frozen=True, frozen_action="greedy", wd_actions=None)
         force(meta, lr_index=index)
         opt = sgd(0.1)
         w = OptimizerWrapper(opt, meta) if wrapped else opt
@@ -92,7 +93,7 @@ def test_anchored_on_a_named_schedule_and_ramp():
     total = 100
     meta = RLMetaOptimizer(
         update_frequency=10, total_steps=total, base_schedule="linear", anchor_warmup=0.5,
-        seed=0, frozen=True, wd_actions=None,
+        seed=0, frozen=True, frozen_action="greedy", wd_actions=None,
     )
     force(meta, lr_index=2)
     lrs, _ = lrs_of(OptimizerWrapper(sgd(), meta), total)
@@ -146,11 +147,11 @@ def test_fresh_policy_greedy_action_is_keep_for_any_state():
 
 def test_weight_decay_is_anchored_and_floored_at_zero():
     """Issue 17 item 21: the floor max(initial_wd + shift, 0) pinned on the proposal itself."""
-    meta = RLMetaOptimizer(update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-3], seed=0, frozen=True)
+    meta = RLMetaOptimizer(update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-3], seed=0, frozen=True, frozen_action="greedy")
     group = GroupState(0, "", "", 0.01, 4e-4, 0.01, 4e-4, 2)
     (update,) = meta.update_hparams({"loss": 1.0}, 0, [group])
     assert (update.hparam, update.value) == ("weight_decay", 0.0)
-    meta = RLMetaOptimizer(update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-4], seed=0, frozen=True)
+    meta = RLMetaOptimizer(update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-4], seed=0, frozen=True, frozen_action="greedy")
     (update,) = meta.update_hparams({"loss": 1.0}, 0, [GroupState(0, "", "", 0.01, 4e-4, 0.01, 4e-4, 2)])
     assert update.value == pytest.approx(3e-4, rel=1e-12)
     # anchored: the same shift again gives the same value (relative to the initial weight decay)
@@ -160,7 +161,7 @@ def test_weight_decay_is_anchored_and_floored_at_zero():
 
 def test_multiplicative_weight_decay_floor_pinned_directly():
     meta = RLMetaOptimizer(
-        update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-3], seed=0, frozen=True, action_mode="multiplicative"
+        update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-3], seed=0, frozen=True, frozen_action="greedy", action_mode="multiplicative"
     )
     (update,) = meta.update_hparams({"loss": 1.0}, 0, [GroupState(0, "", "", 0.01, 4e-4, 0.01, 4e-4, 2)])
     assert update.value == 0.0
@@ -184,7 +185,7 @@ def test_circuit_breaker_puts_the_lr_back_on_base_with_a_penalty_and_a_logged_re
 
 
 def test_no_breaker_when_disabled():
-    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, wd_actions=None, breaker_factor=None)
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, frozen_action="greedy", wd_actions=None, breaker_factor=None)
     force(meta, lr_index=2)
     lrs, _ = lrs_of(OptimizerWrapper(sgd(), meta), 30, lambda s: 10.0 if s == 29 else 1.0)
     assert lrs[29] == pytest.approx(0.02) and meta.counters["breaker_trips"] == 0
@@ -266,3 +267,83 @@ def test_benchmark_scores_episodes_with_the_policys_own_reward_code():
     expected = episode_rewards([math.log(x) for x in losses], steps, 10, reward_clip=0.3)
     assert got == pytest.approx(expected, rel=1e-12)
     assert got[0] == 0.3 and interval_reward(0.0, 1.0, 10, 10, reward_clip=0.3) == -0.3
+
+
+def prefer(meta, probs):
+    """Make the policy's lr head give these probabilities whatever the state."""
+    net = meta.learner.network
+    with torch.no_grad():
+        net.lr_head.weight.zero_()
+        net.lr_head.bias.copy_(torch.tensor(probs, dtype=torch.float32).log())
+
+
+def test_mean_readout_applies_a_learned_shift_that_greedy_throws_away():
+    """Keep is still the argmax (0.5 > 0.4), yet 40% of the mass moved to x0.5: the mean readout
+    acts on it (x exp(0.4 log 0.5 + 0.1 log 2) = x0.812), greedy reproduces the base."""
+    got = {}
+    for readout in ("mean", "greedy"):
+        meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, frozen_action=readout, wd_actions=None)
+        prefer(meta, [0.4, 0.5, 0.1])
+        got[readout], _ = lrs_of(OptimizerWrapper(sgd(), meta), 30)
+    expected = 0.01 * math.exp(0.4 * math.log(0.5) + 0.1 * math.log(2.0))
+    assert got["greedy"] == [0.01] * 30
+    assert got["mean"][:9] == [0.01] * 9 and got["mean"][9:] == pytest.approx([expected] * 21, rel=1e-6)
+
+
+def test_mean_readout_ignores_moves_under_one_percent():
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, frozen=True, wd_actions=None)  # frozen -> "mean"
+    prefer(meta, [0.105, 0.8, 0.095])  # E[log a] = 0.01 x log 0.5 = -0.0069: under 1%
+    lrs, _ = lrs_of(OptimizerWrapper(sgd(), meta), 30)
+    assert lrs == [0.01] * 30
+
+
+def test_mean_readout_of_a_single_action_head_is_that_action():
+    meta = RLMetaOptimizer(update_frequency=1, lr_actions=[1.0], wd_actions=[-1e-4], seed=0, frozen=True)
+    (update,) = meta.update_hparams({"loss": 1.0}, 0, [GroupState(0, "", "", 0.01, 4e-4, 0.01, 4e-4, 2)])
+    assert update.value == pytest.approx(3e-4, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"frozen_action": "mean"}, "frozen_action='mean' needs frozen=True"),
+        ({"frozen_action": "argmax", "frozen": True}, r"frozen_action must be one of \['mean', 'greedy', 'sample'\], got frozen_action='argmax'"),
+        ({"frozen_action": "mean", "greedy": True, "frozen": True}, "greedy=True contradicts frozen_action='mean'"),
+    ],
+)
+def test_frozen_action_is_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RLMetaOptimizer(**kwargs)
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN == NaN here
+
+
+def test_a_decision_that_fails_after_a_local_update_restores_the_policy_too(monkeypatch):
+    """The policy is copied only when a decision is about to change it (not at every decision);
+    a failure after that change still restores weights, Adam state and episode alike."""
+    meta = RLMetaOptimizer(update_frequency=1, seed=0, batch_size=2, return_horizon=1, wd_actions=None)
+    group = GroupState(0, "", "", 0.01, 0.0, 0.01, 0.0, 2)
+    for step in range(6):
+        meta.update_hparams({"loss": 1.0 / (step + 1)}, step, [group])
+    updates = meta.learner.updates
+    before = meta.state_dict()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(meta, "_act", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        meta.update_hparams({"loss": 0.1}, 6, [group])
+    assert meta.learner.updates == updates
+    assert _same(meta.state_dict(), before)
+    monkeypatch.undo()
+    meta.update_hparams({"loss": 0.1}, 6, [group])  # usable afterwards, and the update happens now
+    assert meta.learner.updates >= updates

@@ -336,3 +336,32 @@ def test_a_restored_trial_replaces_the_rerun_part_of_its_trajectory(tmp_path):
     restored = MetaOptCallback()
     restored.set_state(callback.get_state())
     assert restored.trajectories == callback.trajectories
+
+
+@pytest.mark.ray
+def test_a_replaced_policy_actor_is_found_again_by_name(ray_session, tmp_path):
+    """Issue 17 item 13: after the actor is killed and started again under its name, the callback's
+    stats and its saved policy come from the new actor instead of failing on the old handle."""
+    from ray_metaopt.rl import load_policy, start_policy_actor
+
+    namespace = "ray_metaopt_tests_replaced"
+    callback = MetaOptCallback(policy_name="replaced", policy_namespace=namespace)
+    callback.setup()
+    assert callback.fetch_policy_stats(timeout=30)["policy/version"] == 0
+    old = callback.policy_actor
+    ray.kill(old, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the name is free once the kill has gone through
+        try:
+            ray.get_actor("replaced", namespace=namespace)
+        except ValueError:
+            break
+        time.sleep(0.1)
+    new = start_policy_actor("replaced", namespace=namespace)
+    seen = len(callback.policy_stats_history)
+    stats = callback.fetch_policy_stats(timeout=30)
+    assert len(callback.policy_stats_history) == seen + 1 and stats["policy/version"] == 0
+    assert callback.policy_actor is not old
+    path = callback.save_policy(tmp_path / "policy.pt")
+    assert path is not None and load_policy(path)["name"] == "replaced"
+    ray.kill(new)

@@ -10,6 +10,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 EVAL_INTERVAL = 15
 LRS = [1e-3, 3e-3, 1e-2, 3e-2]
+MAX_STEPS = 4 * EVAL_INTERVAL
 
 
 def test_pbt_exploit_applies_the_perturbed_lr(ray_session, tmp_path):
@@ -41,7 +42,7 @@ def test_pbt_exploit_applies_the_perturbed_lr(ray_session, tmp_path):
             "meta": "plateau",
             "meta_config": {"patience": 100},
             "optimizer_config": {"lr": tune.grid_search([1e-3, 1e-2])},
-            "max_steps": 4 * EVAL_INTERVAL,
+            "max_steps": MAX_STEPS,
             "eval_interval": EVAL_INTERVAL,
             "batch_size": 32,
         },
@@ -55,22 +56,28 @@ def test_pbt_exploit_applies_the_perturbed_lr(ray_session, tmp_path):
     )
     assert [t.status for t in analysis.trials] == ["TERMINATED", "TERMINATED"]
     # An exploit shows as a trial whose configured lr changed between two of its reports.
+    # With two trials the donor is the other one; its lr is the last one it reported.
     exploited, last_lr = [], {}
     for trial_id, result in collect.results:
         configured = result["config"]["optimizer_config"]["lr"]
         if trial_id in last_lr and last_lr[trial_id] != configured:
-            exploited.append(result)
+            donor_lr = next(lr for t, lr in last_lr.items() if t != trial_id)
+            exploited.append((result, donor_lr))
         last_lr[trial_id] = configured
     assert exploited, "PBT made no exploit"
-    for result in exploited:
+    for result, donor_lr in exploited:
         configured = result["config"]["optimizer_config"]["lr"]
         assert configured in LRS
         # Loading the donor's optimizer state did not bring its lr back: the perturbed one applies.
         assert result["lr"] == result["lr/decay"] == result["lr/no_decay"] == configured
         overrides = result.get("config_overrides")
-        assert overrides and overrides[0]["hparam"] == "lr" and overrides[0]["configured"] == configured
-        # The trial continued from the donor's checkpoint instead of starting over.
-        assert result["step"] == EVAL_INTERVAL * result["training_iteration"]
+        if configured == donor_lr:  # a "noop" perturbation at the end of LRS: nothing to override
+            assert not overrides, overrides
+        else:
+            assert overrides and overrides[0]["hparam"] == "lr" and overrides[0]["configured"] == configured
+        # The trial continued from the donor's checkpoint instead of starting over (an exploit at
+        # the last perturbation point restores a finished donor: it reports once more at max_steps).
+        assert result["step"] == min(EVAL_INTERVAL * result["training_iteration"], MAX_STEPS)
         assert result["step"] > EVAL_INTERVAL
     # Between exploits every report keeps the configured lr (no stale value resurfaces).
     for _, result in collect.results:
