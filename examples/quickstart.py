@@ -9,6 +9,10 @@ Run:
     python examples/quickstart.py            # about ten seconds on a CPU
     python examples/quickstart.py --smoke    # a few seconds
     python examples/quickstart.py --strategy advanced   # the seed's AdvancedPlateau configuration
+    python examples/quickstart.py --per-step  # the seed's usage: a decision every step on the minibatch loss
+
+Each run ends with the final validation loss and lr trajectory next to the same run (same seed,
+init and batches) with the unwrapped AdamW.
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ def make_task(n_train: int, n_val: int, dim: int, noise: float, seed: int, devic
     return sample(n_train), sample(n_val)
 
 
-def build_meta(strategy: str, steps_per_epoch: int):
+def build_meta(strategy: str, steps_per_epoch: int, *, per_step: bool = False):
+    if per_step:
+        # The seed's call as written, deciding every step on the minibatch loss: the default
+        # noise_aware="auto" judges a plateau on window means, not on single noisy losses.
+        if strategy == "plateau":
+            return PlateauMetaOptimizer(patience=3, lr_factor=0.5)
+        return AdvancedPlateauMetaOptimizer(
+            patience=3, lr_factor=0.5, grad_norm_threshold=10.0, weight_decay_factor=1.5, warmup_steps=50, trend_window=5
+        )
     if strategy == "plateau":
         # The seed's example, deciding once per epoch on the validation loss (patience counts
         # epochs, like torch's ReduceLROnPlateau stepped once per epoch).
@@ -56,20 +68,8 @@ def build_meta(strategy: str, steps_per_epoch: int):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny run that finishes in seconds")
-    parser.add_argument("--strategy", choices=["plateau", "advanced"], default="plateau")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # a model this small only loses time to thread synchronisation
+def train(args, meta_opt, device, *, verbose: bool) -> dict:
+    """One training run; ``meta_opt=None`` trains with the plain AdamW (the comparison)."""
     torch.manual_seed(args.seed)
     n_train, batch_size = (512, 64) if args.smoke else (4096, 64)
     num_epochs = args.epochs if args.epochs is not None else (40 if args.smoke else 60)
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Setup (the seed's three lines)
     optimizer = optim.AdamW(model.parameters(), lr=args.lr)
-    meta_opt = build_meta(args.strategy, steps_per_epoch)
-    wrapped_optimizer = OptimizerWrapper(optimizer, meta_opt, metric_reduction="mean")
-    print(f"device={device}  strategy={meta_opt!r}")
+    wrapped_optimizer = (
+        OptimizerWrapper(optimizer, meta_opt, metric_reduction="mean") if meta_opt is not None else optimizer
+    )
 
     def validation_loss() -> float:
         with torch.no_grad():
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     shown = 0
+    lrs = []
     for epoch in range(num_epochs):
         perm = torch.randperm(n_train, device=device)
         for i in range(steps_per_epoch):
@@ -114,26 +115,70 @@ def main(argv: list[str] | None = None) -> int:
                 "lr": wrapped_optimizer.param_groups[0]["lr"],
                 "grad_norm": torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
             }
-            if i == steps_per_epoch - 1:  # the decision step: add the validation loss
+            if meta_opt is not None and args.per_step:
+                pass  # the seed's usage: a decision every step on the minibatch loss
+            elif i == steps_per_epoch - 1:  # the decision step: add the validation loss
                 metrics["val_loss"] = validation_loss()
 
             # Update hyperparameters and step
-            wrapped_optimizer.update_hyperparameters(metrics)
+            if meta_opt is not None:
+                wrapped_optimizer.update_hyperparameters(metrics)
             wrapped_optimizer.step()
 
         val_loss = validation_loss()
         lr = wrapped_optimizer.param_groups[0]["lr"]
-        print(f"epoch {epoch:3d}  last train loss {loss.item():.5f}  val loss {val_loss:.5f}  lr {lr:.3g}")
-        for d in wrapped_optimizer.decisions[shown:]:
-            if not d.reason.startswith("warmup"):
-                print(f"    decision @ step {d.step}: {d.hparam} {d.old:.3g} -> {d.new:.3g} ({d.reason})")
-        shown = len(wrapped_optimizer.decisions)
+        lrs.append(lr)
+        if verbose:
+            print(f"epoch {epoch:3d}  last train loss {loss.item():.5f}  val loss {val_loss:.5f}  lr {lr:.3g}")
+            for d in wrapped_optimizer.decisions[shown:]:
+                if not d.reason.startswith("warmup"):
+                    print(f"    decision @ step {d.step}: {d.hparam} {d.old:.3g} -> {d.new:.3g} ({d.reason})")
+            shown = len(wrapped_optimizer.decisions)
+    return {
+        "val_loss": val_loss,
+        "lrs": lrs,
+        "decisions": wrapped_optimizer.decisions if meta_opt is not None else [],
+        "seconds": time.perf_counter() - start,
+    }
 
-    elapsed = time.perf_counter() - start
-    decisions = wrapped_optimizer.decisions
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny run that finishes in seconds")
+    parser.add_argument("--strategy", choices=["plateau", "advanced"], default="plateau")
+    parser.add_argument(
+        "--per-step",
+        action="store_true",
+        help="the seed's own usage: a decision every step on the minibatch loss (noise-aware rule)",
+    )
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # a model this small only loses time to thread synchronisation
+    steps_per_epoch = (512 if args.smoke else 4096) // 64
+    meta_opt = build_meta(args.strategy, steps_per_epoch, per_step=args.per_step)
+    print(f"device={device}  strategy={meta_opt!r}")
+    wrapped = train(args, meta_opt, device, verbose=True)
+    # The same run (seed, init, batches) with the unwrapped AdamW: what the wrapper changed.
+    plain = train(args, None, device, verbose=False)
+
+    decisions = wrapped["decisions"]
     print(
-        f"final val loss {val_loss:.5f} (noise floor {0.1**2:.5f}), {len(decisions)} decisions, "
-        f"final lr {wrapped_optimizer.param_groups[0]['lr']:.3g}, {elapsed:.1f}s"
+        f"final val loss {wrapped['val_loss']:.5f} (noise floor {0.1**2:.5f}), {len(decisions)} decisions, "
+        f"final lr {wrapped['lrs'][-1]:.3g}, {wrapped['seconds']:.1f}s"
+    )
+    every = max(1, len(wrapped["lrs"]) // 8)
+    epochs = list(range(0, len(wrapped["lrs"]), every)) + [len(wrapped["lrs"]) - 1]
+    print("lr by epoch:   " + "  ".join(f"{e}:{wrapped['lrs'][e]:.3g}" for e in dict.fromkeys(epochs)))
+    print(
+        f"vs unwrapped AdamW (same seed, constant lr {args.lr:g}): final val loss {plain['val_loss']:.5f}; "
+        f"wrapped / unwrapped = {wrapped['val_loss'] / plain['val_loss']:.3f}"
     )
     print(f"DECISIONS={len(decisions)}")
     return 0

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("strategy", ["plateau", "advanced"])
 def test_quickstart_smoke(strategy):
+    """Per-epoch decisions on the validation loss; the run is compared with the unwrapped AdamW."""
     env = dict(os.environ)
     # Works from a checkout without `pip install -e .` too.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -34,3 +35,22 @@ def test_quickstart_smoke(strategy):
     # at least one plateau cut, printed with its reason
     assert re.search(r"decision @ step \d+: lr [\d.e-]+ -> [\d.e-]+ \(plateau", proc.stdout), proc.stdout
     assert "final val loss" in proc.stdout
+    assert re.search(r"^lr by epoch: +0:[\d.e-]+ ", proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"vs unwrapped AdamW .*wrapped / unwrapped = \d+\.\d{3}$", proc.stdout, re.MULTILINE), proc.stdout
+
+
+def test_quickstart_per_step_is_the_seeds_usage():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--smoke", "--per-step"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"PlateauMetaOptimizer\(patience=3, lr_factor=0\.5, .*monitor='loss'.*update_frequency=1\)", proc.stdout)
+    assert re.search(r"wrapped / unwrapped = \d+\.\d{3}$", proc.stdout, re.MULTILINE), proc.stdout
