@@ -13,21 +13,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("strategy", ["plateau", "advanced"])
-def test_quickstart_smoke(strategy):
-    """Per-epoch decisions on the validation loss; the run is compared with the unwrapped AdamW."""
+def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # Works from a checkout without `pip install -e .` too.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--smoke", "--strategy", strategy],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), *args],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
         cwd=ROOT,
     )
+
+
+@pytest.mark.parametrize("strategy", ["plateau", "advanced"])
+def test_quickstart_smoke(strategy):
+    """Per-epoch decisions on the validation loss; the run is compared with the unwrapped AdamW."""
+    proc = _run("--smoke", "--strategy", strategy)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     count = re.search(r"^DECISIONS=(\d+)$", proc.stdout, re.MULTILINE)
     assert count is not None, proc.stdout
@@ -40,17 +44,7 @@ def test_quickstart_smoke(strategy):
 
 
 def test_quickstart_per_step_is_the_seeds_usage():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--smoke", "--per-step"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
-    )
+    proc = _run("--smoke", "--per-step")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"PlateauMetaOptimizer\(patience=3, lr_factor=0\.5, .*monitor='loss'.*update_frequency=1\)", proc.stdout)
     assert re.search(r"wrapped / unwrapped = \d+\.\d{3}$", proc.stdout, re.MULTILINE), proc.stdout
