@@ -250,7 +250,7 @@ def test_summary_per_strategy_over_seeds():
 @pytest.mark.slow
 def test_address_runs_on_an_existing_cluster(tmp_path):
     """``--address``: the CLI joins a running cluster (``ray start --head``, token auth) instead of
-    starting its own Ray, and the run completes there."""
+    starting its own Ray, and the run completes there; without the token it says how to connect."""
     sys.path.insert(0, os.path.join(REPO, "tests", "cluster"))
     try:
         from local_cluster import LocalRayCluster  # the cluster tests' harness (tests/cluster)
@@ -262,6 +262,20 @@ def test_address_runs_on_an_existing_cluster(tmp_path):
     out = tmp_path / "results"
     with LocalRayCluster() as cluster:
         cluster.start_head(num_cpus=2)
+        # Without the cluster's token (none in the environment, none in ~/.ray) the CLI says how to
+        # connect instead of Ray's bare ConnectionError.
+        anonymous = {k: v for k, v in cluster.env("anonymous").items() if not k.startswith("RAY_AUTH")}
+        anonymous["HOME"] = str(tmp_path / "home")
+        refused = subprocess.run(
+            [sys.executable, str(driver), "--address", cluster.address, "--smoke", "--no-plot"],
+            env=anonymous,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert refused.returncode != 0
+        assert f"the Ray cluster at {cluster.address} refused this driver" in refused.stderr, refused.stderr[-3000:]
+        assert "RAY_AUTH_MODE=token" in refused.stderr
         proc = cluster.start_driver(
             driver,
             "--smoke",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ray_metaopt.rl import PolicyActor, RLMetaOptimizer, load_policy, save_policy, start_policy_actor
-from ray_metaopt.rl.actor import CHECKPOINT_FILE, get_policy_actor
+from ray_metaopt.rl.actor import CHECKPOINT_FILE, WRITER_FILE, get_policy_actor
 from ray_metaopt.rl.policy import PolicyConfig
 
 NAMESPACE = "ray_metaopt_rl_tests"
@@ -341,3 +341,23 @@ def test_a_trial_with_another_action_space_is_told_clearly(ray_session):
             meta.update_hparams({"loss": 1.0}, step, groups)
             time.sleep(0.01)
     ray_session.kill(actor)
+
+
+@pytest.mark.ray
+def test_a_newer_actor_on_the_same_checkpoint_uri_is_its_only_writer(ray_session, tmp_path):
+    """Issue 17 item 14: an orphan actor (its driver SIGKILLed) must not overwrite the checkpoints of
+    the actor a restored experiment starts on the same URI. Two live actors stand for the two."""
+    ray = ray_session
+    orphan = start_policy_actor("orphan", namespace=NAMESPACE, policy_config=POLICY, checkpoint_uri=str(tmp_path))
+    assert ray.get(orphan.checkpoint.remote()) is not None
+    restored = start_policy_actor("restored", namespace=NAMESPACE, policy_config=POLICY, checkpoint_uri=str(tmp_path))
+    assert ray.get(restored.stats.remote())["actor/restores"] == 1  # it resumed from the orphan's file
+    assert (tmp_path / WRITER_FILE).is_file()
+    written = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    assert ray.get(orphan.checkpoint.remote()) is None  # superseded: writes nothing
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == written
+    assert ray.get(orphan.stats.remote())["actor/checkpoints_refused"] == 1
+    assert ray.get(restored.checkpoint.remote()) == str(tmp_path / CHECKPOINT_FILE)
+    assert ray.get(restored.stats.remote())["actor/checkpoints_refused"] == 0
+    for handle in (orphan, restored):
+        ray.kill(handle)
