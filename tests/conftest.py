@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 # Tests run beside Ray workers on small (2-core) machines: intra-op threads only add contention.
 torch.set_num_threads(1)
+
+# Every Ray this test run starts (the session fixture, example and cluster subprocesses) keeps its
+# sessions, sockets and "current cluster" file in a fresh, short directory of its own: nothing left
+# in /tmp/ray by an earlier run can interfere, and a long TMPDIR cannot push the AF_UNIX socket
+# paths past their length limit.
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rmo-", dir="/tmp" if os.path.isdir("/tmp") else None))
 
 # Keep Ray quiet and light in tests (2-core CI machines).
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -37,3 +45,8 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.path.basename(os.environ.get("RAY_TMPDIR", "")).startswith("rmo-"):
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
