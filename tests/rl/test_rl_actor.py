@@ -294,11 +294,12 @@ def test_killing_the_actor_mid_run_fails_no_trial_and_loses_at_most_one_interval
     acted = [r["rl/decisions"] + r["rl/breaker_trips"] for r in results]
     assert acted == [1200 // 5 - 1] * 2, acted
     # Sends that failed while the actor was away were re-queued and delivered to the restarted
-    # actor: what it lost is at most what arrived after its last checkpoint (issue 17 item 12: <= 2%).
+    # actor: what is lost is at most what it had buffered since its last checkpoint (one update per
+    # batch, checkpointed each time), i.e. under one batch. Old code: 296 of 461 lost here.
     sent = sum(r["rl/sent_transitions"] for r in results)
     received = sum(stats["rollouts/transitions_per_trial"].values())
     print(f"actor kill: {received} of {sent} transitions received")
-    assert received >= 0.98 * sent, (received, sent, results)
+    assert sent - received <= POLICY["batch_size"] - 1, (received, sent, results)
     for handle in [*trials, actor]:
         ray.kill(handle)
 
