@@ -484,10 +484,14 @@ class PolicyClient:
             return False
         self.counters["connects"] += 1
         self._synced = False
+        self._flush_outbox()
+        return True
+
+    def _flush_outbox(self) -> None:
+        """Send what waited in the outbox over the current connection."""
         outbox, self._outbox = self._outbox, []
         for transitions in outbox:
             self._submit(transitions)
-        return True
 
     def _keep(self, transitions: list[dict[str, Any]]) -> None:
         """Put a segment in the bounded outbox (the oldest one is dropped, and counted, when full)."""
@@ -540,10 +544,8 @@ class PolicyClient:
                 self.counters["segments_requeued"] += 1
             except ray.exceptions.RayError:
                 self.counters["actor_errors"] += 1  # the actor raised on it: resending would too
-        if self._handle is not None and self._outbox:  # sends of a dead connection, to the live one
-            outbox, self._outbox = self._outbox, []
-            for transitions in outbox:
-                self._submit(transitions)
+        if self._handle is not None:  # sends of a dead connection go over the live one
+            self._flush_outbox()
 
     def send(self, transitions: list[dict[str, Any]]) -> None:
         """Hand finished transitions to the actor without waiting."""

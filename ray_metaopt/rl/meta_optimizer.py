@@ -357,6 +357,7 @@ class RLMetaOptimizer(MetaOptimizer):
         self.frozen = _check_bool("frozen", frozen)
         self.frozen_action = _frozen_action(frozen_action, greedy, self.frozen)
         self.greedy = self.frozen_action == "greedy"
+        self._log_lr_actions = [math.log(a) for a in self.config.lr_actions]  # the "mean" readout's
         wd_unit = max((abs(a) for a in self.config.wd_actions or () if a != 0.0), default=1e-5)
         self._features = FeatureExtractor(
             update_frequency=self.update_frequency,
@@ -677,24 +678,24 @@ class RLMetaOptimizer(MetaOptimizer):
         self.draws += 1
         return sample_index([math.exp(x) for x in logp], u)
 
+    def _moved_from_prior(self, logp: list[float], values: Sequence[float], keep: int) -> float:
+        """E_pi[value] - E_prior[value]: how far learning moved a head from its initial prior."""
+        expected = sum(math.exp(lp) * v for lp, v in zip(logp, values))
+        return expected - _prior_mean(values, keep, self.config.initial_keep_prob)
+
     def _mean_factor(self, logp: list[float]) -> float:
         """The "mean" readout: the keep action x exp(E_pi[log a] - E_prior[log a]); moves under 1% ignored."""
-        logs = [math.log(a) for a in self.config.lr_actions]
         keep = self.config.keep_lr_index
-        delta = sum(math.exp(lp) * la for lp, la in zip(logp, logs)) - _prior_mean(
-            logs, keep, self.config.initial_keep_prob
-        )
+        delta = self._moved_from_prior(logp, self._log_lr_actions, keep)
         factor = self.config.lr_actions[keep]
         return factor if abs(delta) < _MEAN_EPS else factor * math.exp(delta)
 
     def _mean_shift(self, logp: list[float]) -> float:
         """The "mean" readout of the wd head: the keep shift + E_pi[shift] - E_prior[shift]."""
-        shifts = list(self.config.wd_actions or ())
+        shifts = self.config.wd_actions
         keep = self.config.keep_wd_index
-        delta = sum(math.exp(lp) * a for lp, a in zip(logp, shifts)) - _prior_mean(
-            shifts, keep, self.config.initial_keep_prob
-        )
-        unit = max((abs(a) for a in shifts), default=0.0)
+        delta = self._moved_from_prior(logp, shifts, keep)
+        unit = max(abs(a) for a in shifts)
         return shifts[keep] if abs(delta) < _MEAN_EPS * unit else shifts[keep] + delta
 
     def _group_updates(
