@@ -167,30 +167,7 @@ class MetaAwareScheduler(TrialScheduler):
         return self.base.set_search_properties(metric, mode, **spec)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        self._check_pbt_schedule(getattr(trial, "config", None) or {})
         self.base.on_trial_add(tune_controller, trial)
-
-    def _check_pbt_schedule(self, config: dict[str, Any]) -> None:
-        """Warn (once) when PBT's last perturbation falls on the provided trainable's last report."""
-        from ray.tune.schedulers import PopulationBasedTraining
-
-        if self.__dict__.get("_pbt_warned") or not isinstance(self.base, PopulationBasedTraining):
-            return
-        interval = getattr(self.base, "_perturbation_interval", None)
-        max_steps, eval_interval = config.get("max_steps"), config.get("eval_interval", 20)
-        if getattr(self.base, "_time_attr", None) != "training_iteration" or not all(
-            isinstance(v, int) and v > 0 for v in (interval, max_steps, eval_interval)
-        ):
-            return
-        reports = -(-max_steps // eval_interval)
-        if reports % interval == 0:
-            self.__dict__["_pbt_warned"] = True
-            logger.warning(
-                "PBT perturbation_interval=%d divides the trial's %d reports (max_steps=%d / eval_interval=%d): "
-                "the last exploit clones a finished donor and only re-reports it; pick a perturbation_interval "
-                "that does not divide %d",
-                interval, reports, max_steps, eval_interval, reports,
-            )
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         self.stopper.forget(trial.trial_id)

@@ -170,7 +170,12 @@ class TrainingRun:
         result["config_overrides"] = self.config_overrides
         self.config_overrides = []
         result["diverged_reason"] = ""
-        result[STOP_REASON_KEY] = "max_steps" if self.step >= self.config.max_steps else ""
+        finished = self.step >= self.config.max_steps
+        result[STOP_REASON_KEY] = "max_steps" if finished else ""
+        # The last report ends the trial in Tune itself (Tune's own `done` key): no scheduler acts
+        # on it. Otherwise PBT could exploit a finished trial at its last report, which restores
+        # it at the end, reports again, is exploited again... (two tied trials never stop).
+        result["done"] = finished and not diverged
         return result
 
     def _diverged(self, result: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -207,9 +212,9 @@ class TrainingRun:
         last: dict[str, Any] | None = None
         self.reporter.restart_timer(self.step)
         if self.step >= c.max_steps:
-            # Restored at the end (a PBT exploit at the last perturbation clones a finished
-            # donor): report this trial's own final state once, or its last result would be
-            # the one from before the exploit and Tune would list the donor's metrics under it.
+            # Restored at the end (a PBT exploit whose donor has finished clones its final
+            # checkpoint): report this trial's own final state once (done=True, so no further
+            # exploit), or its last result would be the one from before the exploit.
             self.model.eval()
             with torch.no_grad(), self._optimizer_eval_mode():  # one batch, no step: its loss
                 train_loss = float(self.task.training_step(self.model, c.batch_size).loss)
@@ -326,7 +331,8 @@ def metaopt_trainable(config: dict) -> None:
     ``meta/decisions`` (decision dicts since the last report), ``meta/strategy``, ``diverged``,
     ``lr_at_floor`` (every group's lr at the strategy's ``min_lr``), ``steps_per_second``,
     ``device``, and task extras as ``<task>/<name>`` (``moe/routing_entropy``,
-    ``teacher_student/noise_floor``, ``digits/val_accuracy``...). A trial whose loss, gradient
+    ``teacher_student/noise_floor``, ``digits/val_accuracy``...), and Tune's own ``done``: ``True``
+    on the last report at ``max_steps``, so no scheduler acts on a finished trial. A trial whose loss, gradient
     norm or validation loss becomes non-finite reports ``diverged=True`` (with
     ``diverged_reason``) and ends without checkpointing that state; no optimizer step is ever
     taken on a non-finite loss or gradient.

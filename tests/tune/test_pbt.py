@@ -75,8 +75,8 @@ def test_pbt_exploit_applies_the_perturbed_lr(ray_session, tmp_path):
             assert not overrides, overrides
         else:
             assert overrides and overrides[0]["hparam"] == "lr" and overrides[0]["configured"] == configured
-        # The trial continued from the donor's checkpoint instead of starting over (an exploit at
-        # the last perturbation point restores a finished donor: it reports once more at max_steps).
+        # The trial continued from the donor's checkpoint instead of starting over (an exploit of
+        # a finished donor restores its final checkpoint: it reports once more at max_steps).
         assert result["step"] == min(EVAL_INTERVAL * result["training_iteration"], MAX_STEPS)
         assert result["step"] > EVAL_INTERVAL
     # Between exploits every report keeps the configured lr (no stale value resurfaces).

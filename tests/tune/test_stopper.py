@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import logging
 import os
 import signal
 import sys
@@ -170,37 +169,44 @@ def test_scheduler_records_the_wrapped_schedulers_stop(ray_session, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pbt_exploit_at_the_last_perturbation_reports_the_trial_once(ray_session, tmp_path, caplog):
-    pbt = PopulationBasedTraining(
+def test_pbt_perturbation_at_the_last_report_ends_each_trial_once(ray_session, tmp_path):
+    seen_steps = []
+
+    class RecordingPBT(PopulationBasedTraining):
+        def on_trial_result(self, tune_controller, trial, result):
+            seen_steps.append(result["step"])
+            return super().on_trial_result(tune_controller, trial, result)
+
+    pbt = RecordingPBT(
         time_attr="training_iteration",
-        perturbation_interval=2,  # divides the 4 reports: an exploit at the very end
+        perturbation_interval=2,  # divides the 4 reports: a perturbation point at the very end
         quantile_fraction=0.5,
         hyperparam_mutations={"optimizer_config": {"lr": [1e-3, 3e-3, 1e-2]}},
         synch=True,
     )
-    with caplog.at_level(logging.WARNING, logger="ray_metaopt.tune.scheduler"):
-        grid = tune.Tuner(
-            trainable_with_resources({"cpu": 1}),
-            param_space={
-                "task": "teacher_student",
-                "meta": "none",
-                "optimizer_config": {"lr": tune.grid_search([1e-5, 1e-2])},
-                "max_steps": 40,
-                "eval_interval": 10,
-            },
-            tune_config=tune.TuneConfig(
-                metric="val_loss", mode="min", scheduler=MetaAwareScheduler(pbt), reuse_actors=True
-            ),
-            run_config=tune.RunConfig(storage_path=str(tmp_path), name="pbt_end", verbose=0),
-        ).fit()
+    grid = tune.Tuner(
+        trainable_with_resources({"cpu": 1}),
+        param_space={
+            "task": "teacher_student",
+            "meta": "none",
+            "optimizer_config": {"lr": tune.grid_search([1e-5, 1e-2])},
+            "max_steps": 40,
+            "eval_interval": 10,
+        },
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=MetaAwareScheduler(pbt), reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="pbt_end", verbose=0),
+    ).fit()
     assert grid.num_errors == 0
-    assert "divides the trial's 4 reports" in caplog.text
     assert pbt._num_perturbations > 0
+    # A trial's last report carries Tune's done=True: PBT never sees it, so it cannot exploit a
+    # finished trial (before, two tied trials at the end exploited each other forever).
+    assert seen_steps and max(seen_steps) < 40
     ids = [r.metrics["trial_id"] for r in grid]
     assert len(set(ids)) == len(ids) == 2  # each trial once, under its own id
     for result in grid:
         assert result.metrics["step"] == 40 and result.metrics["stop_reason"] == "max_steps"
-        # Its own final lr (after the exploit: the perturbed config), not the donor's result.
+        assert result.metrics["done"] is True
+        # Its own final lr (after an exploit: the perturbed config), not the donor's result.
         assert result.metrics["lr"] == pytest.approx(result.config["optimizer_config"]["lr"])
 
 

@@ -209,6 +209,8 @@ def test_reports_at_every_evaluation_and_at_the_end(max_steps, eval_interval, ex
     run = TrainingRun(_config(max_steps=max_steps, eval_interval=eval_interval, meta="none", meta_config={}))
     results = _collect(run)
     assert [r["step"] for r in results] == expected_steps
+    # Only the last report ends the trial in Tune (no scheduler acts on it).
+    assert [r["done"] for r in results] == [False] * (len(expected_steps) - 1) + [True]
 
 
 @pytest.mark.parametrize(
@@ -293,6 +295,7 @@ def test_divergence_reports_and_stops_with_finite_weights():
     assert last is results[-1] and last["diverged"] is True
     assert last["step"] < 20 and last["diverged_reason"].startswith("non-finite loss at step")
     assert all(r["diverged"] is False for r in results[:-1])
+    assert last["done"] is False  # a scheduler may still act on it (PBT can exploit a diverged trial)
     assert checkpoints[-1] is None  # no checkpoint of a diverged state
     assert math.isnan(last["val_loss"]) and last["best_val_loss"] == math.inf  # no evaluation yet
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
