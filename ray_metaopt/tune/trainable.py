@@ -278,6 +278,8 @@ class TrainingRun:
             self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
             evaluations += 1
             last = self._result(train_loss, evaluation, diverged=False)
+            if self.step >= c.max_steps:
+                self._finish_meta()  # before the last report: Tune stops the trial when it takes it
             checkpoint_due = self.step == c.max_steps or (
                 c.checkpoint_interval and evaluations % c.checkpoint_interval == 0
             )
@@ -287,10 +289,12 @@ class TrainingRun:
                     report(last, directory)
             else:
                 report(last, None)
+        return last
+
+    def _finish_meta(self) -> None:
         finish = getattr(self.wrapper.meta_optimizer, "finish", None)
         if callable(finish):  # RL: end the episode and let the last rollouts reach a shared policy
             finish()
-        return last
 
 
 def _report_to_tune(result: dict, checkpoint_dir: str | None) -> None:

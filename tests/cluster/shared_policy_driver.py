@@ -59,10 +59,11 @@ def traced_trainable(config):
     def report(result, checkpoint_dir):
         result = {**result, "node_id": node_id, "restored_from_step": restored_from, "pid": os.getpid()}
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
-        tune.report(result, checkpoint=ckpt)
         line = {"node_id": node_id, "step": result["step"], "restored_from_step": restored_from}
+        # Written before the report: Tune stops the trial as soon as it takes the last one (done).
         with open(progress, "a") as f:
             f.write(json.dumps({**line, "checkpointed": ckpt is not None, "time": time.time()}) + "\n")
+        tune.report(result, checkpoint=ckpt)
         time.sleep(config["_pause_s"])
 
     run.train(report)
