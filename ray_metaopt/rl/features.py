@@ -6,9 +6,12 @@ whole optimizer (group features averaged over groups); with ``per_group=True`` t
 per param group. The layout never depends on the model, so a policy learned on one model can act
 on another.
 
-Every feature is scale-free (logs of ratios to the run's first values, trends per step) and
-clamped to ``[-clip, clip]``; missing metrics give 0 plus a "has_..." flag, so the policy sees
-the same vector whatever the task reports.
+Most features are scale-free (logs of ratios to the run's first values, trends per step); three
+carry absolute scale, so a policy can tell a too-small lr from a too-large one at the same loss
+dynamics: the log-loss itself, the group's lr on a log10 scale, and the log of the multiplier the
+policy's last action applied to the base lr. Every feature is clamped to ``[-clip, clip]``;
+missing metrics give 0 plus a "has_..." flag, so the policy sees the same vector whatever the
+task reports.
 """
 
 from __future__ import annotations
@@ -37,10 +40,13 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "val_gap",  # log(val_loss / loss): generalisation gap
     "has_val_loss",
     "log_interval",  # log2(decision interval / update_frequency) (adaptive frequency)
+    "log_loss",  # absolute: log(loss - loss_floor)
 )
 GROUP_FEATURES: tuple[str, ...] = (
     "log_lr_ratio",  # log(lr / initial lr)
     "wd_shift",  # asinh((wd - initial wd) / wd_unit)
+    "log10_lr",  # absolute: log10(lr) + 3 (0 at lr 1e-3)
+    "log_multiplier",  # previous action: log(lr / base lr) the policy set at its last decision
 )
 STATE_DIM = len(GLOBAL_FEATURES) + len(GROUP_FEATURES)
 
@@ -82,7 +88,7 @@ class FeatureExtractor:
         >>> state = fx.initial_state()
         >>> fx.observe(state, {"loss": 2.3, "grad_norm": 1.5}, step=9)
         >>> len(fx.global_features(state, step=9, interval=10))
-        15
+        16
     """
 
     def __init__(
@@ -188,20 +194,34 @@ class FeatureExtractor:
             self.log_loss(state["val_loss"]) - log_loss if has_val else 0.0,
             float(has_val),
             math.log2(max(interval, 1) / self.update_frequency),
+            log_loss,
         ]
         return [_clamp(v, c) for v in values]
 
-    def group_features(self, group: GroupState) -> list[float]:
-        """The features of one param group (order: :data:`GROUP_FEATURES`)."""
+    def group_features(self, group: GroupState, multiplier: float = 1.0) -> list[float]:
+        """The features of one param group (order: :data:`GROUP_FEATURES`).
+
+        ``multiplier`` is the factor the policy's last action applied to the group's base lr
+        (1 before any action, or when actions compound on the lr itself).
+        """
         wd_shift = 0.0
         if group.weight_decay is not None and group.initial_weight_decay is not None:
             wd_shift = math.asinh((group.weight_decay - group.initial_weight_decay) / self.wd_unit)
-        values = [_log_ratio(group.lr, group.initial_lr), wd_shift]
+        log10_lr = math.log10(group.lr) + 3.0 if group.lr > 0.0 else -self.clip
+        values = [
+            _log_ratio(group.lr, group.initial_lr),
+            wd_shift,
+            log10_lr,
+            math.log(multiplier) if multiplier > 0.0 else 0.0,
+        ]
         return [_clamp(v, self.clip) for v in values]
 
-    def mean_group_features(self, groups: Sequence[GroupState]) -> list[float]:
-        """Group features averaged over ``groups`` (the single row of the default, global mode)."""
+    def mean_group_features(self, groups: Sequence[GroupState], multipliers: Sequence[float] = ()) -> list[float]:
+        """Group features averaged over ``groups`` (the single row of the default, global mode).
+
+        ``multipliers[i]`` goes with ``groups[i]`` (1 where missing).
+        """
         if not groups:
             return [0.0] * len(GROUP_FEATURES)
-        rows = [self.group_features(g) for g in groups]
+        rows = [self.group_features(g, multipliers[i] if i < len(multipliers) else 1.0) for i, g in enumerate(groups)]
         return [sum(col) / len(rows) for col in zip(*rows)]

@@ -625,10 +625,10 @@ class RLMetaOptimizer(MetaOptimizer):
             if not groups:
                 return []
             units = [[g] for g in groups]
-            rows = [global_f + fx.group_features(g) for g in groups]
+            rows = [global_f + fx.group_features(g, self._multiplier(g.index)) for g in groups]
         else:
             units = [list(groups)]
-            rows = [global_f + fx.mean_group_features(groups)]
+            rows = [global_f + fx.mean_group_features(groups, [self._multiplier(g.index) for g in groups])]
         with single_threaded():
             lr_logp, wd_logp = self.learner.network.act_log_probs(rows)
 

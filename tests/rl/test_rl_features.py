@@ -15,7 +15,7 @@ def feature_dict(fx, state, step, interval=10):
 
 
 def test_layout_is_fixed():
-    assert STATE_DIM == len(GLOBAL_FEATURES) + len(GROUP_FEATURES) == 17
+    assert STATE_DIM == len(GLOBAL_FEATURES) + len(GROUP_FEATURES) == 20
 
 
 def test_features_follow_a_known_sequence():
@@ -110,12 +110,31 @@ def test_group_features_lr_ratio_and_weight_decay_shift():
     g = GroupState(
         0, "", "", lr=0.02, weight_decay=2e-5, initial_lr=0.01, initial_weight_decay=0.0, num_params=1
     )
-    assert fx.group_features(g) == pytest.approx([math.log(2.0), math.asinh(2.0)])
+    # lr ratio, wd shift, log10(lr) + 3, log of the multiplier the last action set
+    assert fx.group_features(g) == pytest.approx([math.log(2.0), math.asinh(2.0), math.log10(0.02) + 3, 0.0])
+    assert fx.group_features(g, 2.0)[3] == pytest.approx(math.log(2.0))
     no_wd = GroupState(
         1, "", "", lr=0.005, weight_decay=None, initial_lr=0.01, initial_weight_decay=None, num_params=1
     )
-    assert fx.group_features(no_wd) == pytest.approx([math.log(0.5), 0.0])
-    assert fx.mean_group_features([g, no_wd]) == pytest.approx([0.0, math.asinh(2.0) / 2])
+    assert fx.group_features(no_wd, 0.5) == pytest.approx([math.log(0.5), 0.0, math.log10(0.005) + 3, math.log(0.5)])
+    assert fx.mean_group_features([g, no_wd], [2.0]) == pytest.approx(
+        [0.0, math.asinh(2.0) / 2, (math.log10(0.02) + math.log10(0.005)) / 2 + 3, math.log(2.0) / 2]
+    )
+
+
+def test_absolute_scale_features_tell_a_small_lr_from_a_large_one():
+    # The same run relative to its start, at lrs a decade apart: only the absolute lr differs.
+    fx = FeatureExtractor()
+    small, large = (
+        GroupState(0, "", "", lr=lr, weight_decay=None, initial_lr=lr, initial_weight_decay=None, num_params=1)
+        for lr in (1e-4, 1e-2)
+    )
+    fs, fl = dict(zip(GROUP_FEATURES, fx.group_features(small))), dict(zip(GROUP_FEATURES, fx.group_features(large)))
+    assert fs["log_lr_ratio"] == fl["log_lr_ratio"] == 0.0
+    assert fs["log10_lr"] == pytest.approx(-1.0) and fl["log10_lr"] == pytest.approx(1.0)
+    state = fx.initial_state()
+    fx.observe(state, {"loss": 0.05}, step=9)
+    assert feature_dict(fx, state, 9)["log_loss"] == pytest.approx(math.log(0.05))
 
 
 @pytest.mark.parametrize(
@@ -141,4 +160,5 @@ def test_extreme_finite_inputs_never_raise_and_stay_finite():
         fx.observe(state, {"loss": loss, "grad_norm": loss, "step_time": t}, step=step)
         assert all(math.isfinite(x) for x in fx.global_features(state, step, 1))
     g = GroupState(0, "", "", lr=1e-300, weight_decay=None, initial_lr=1e300, initial_weight_decay=None, num_params=1)
-    assert fx.group_features(g) == [-5.0, 0.0]
+    assert fx.group_features(g) == [-5.0, 0.0, -5.0, 0.0]
+    assert fx.group_features(g, 1e-300) == [-5.0, 0.0, -5.0, -5.0]
