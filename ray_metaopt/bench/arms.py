@@ -28,7 +28,8 @@ from .stats import log_grid
 STRATEGIES_MODULE = "ray_metaopt.bench.strategies"
 
 # The benchmark's RL policy: lr actions only (weight decay is not what the suite measures), a
-# policy learning rate that can move in tens of episodes, the default network and keep prior.
+# policy learning rate that can move in tens of episodes, the default network and keep prior, and
+# the learned value baseline (the training episodes span a 1000x range of initial lrs).
 RL_POLICY: dict[str, Any] = {
     "lr_actions": [0.5, 1.0, 2.0],
     "wd_actions": None,
@@ -39,6 +40,7 @@ RL_POLICY: dict[str, Any] = {
     "batch_size": 16,
     "gamma": 0.9,
     "return_horizon": 20,
+    "baseline": "value",
 }
 
 

@@ -386,9 +386,10 @@ def rl_verdict(result: TaskResult) -> list[str]:
             "`schedule` action mode (acting around a cosine schedule) address it."
         )
     out.append(
-        "Design facts that bound what it can learn here: the state holds the lr only relative to its initial value "
-        "(`log_lr_ratio`), so the policy cannot tell a too-small from a too-large initial lr except through the loss "
-        "dynamics; actions change the lr by ×0.5/×2 per decision; REINFORCE learns from "
+        "Design facts that bound what it can learn here: the state carries the lr on an absolute scale "
+        "(`log10_lr`) beside its ratio to the initial lr, the log-loss and the last action's multiplier, but the "
+        "policy has seen only the training grid's lrs; each action sets the lr to ×0.5, ×1 or ×2 of the base "
+        "schedule (anchored, never compounding); REINFORCE learns from "
         f"{len(result.rl.episodes) if result.rl else 0} episodes of credit-assigned log-loss improvements, a few "
         "thousand noisy transitions at most in the quick size."
     )

@@ -174,7 +174,7 @@ class RLMetaOptimizer(MetaOptimizer):
         lr_scale_bounds: ``(low, high)`` bounds of lr / reference lr (initial lr, or the base
             schedule's value in schedule mode). Default ``(1e-3, 10)`` / ``(0.25, 4)``.
         hidden_size, initial_keep_prob, max_grad_norm, batch_size, gamma, return_horizon,
-            normalize_advantages, baseline_decay: see :class:`~ray_metaopt.rl.PolicyConfig`.
+            normalize_advantages, baseline_decay, baseline: see :class:`~ray_metaopt.rl.PolicyConfig`.
         importance_clip: clip of importance weights of transitions from older weights (local).
         cost_metric: metric that measures cost per step (``"step_time"``), or ``"steps"`` (every
             step costs 1; a constant, so it only matters when runs can stop early).
@@ -244,6 +244,7 @@ class RLMetaOptimizer(MetaOptimizer):
         return_horizon: int = 20,
         normalize_advantages: bool = True,
         baseline_decay: float = 0.9,
+        baseline: str = "average",
         importance_clip: float = 2.0,
         cost_metric: str = "step_time",
         cost_weight: float = 0.0,
@@ -288,6 +289,7 @@ class RLMetaOptimizer(MetaOptimizer):
             return_horizon=return_horizon,
             normalize_advantages=normalize_advantages,
             baseline_decay=baseline_decay,
+            baseline=baseline,
             seed=seed,
         )
         self.per_group = _check_bool("per_group", per_group)

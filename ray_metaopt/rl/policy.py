@@ -30,6 +30,7 @@ from .._validation import check_choice, check_finite, check_int, check_range
 from .features import STATE_DIM
 
 ACTION_MODES = ("anchored", "multiplicative", "schedule")
+BASELINES = ("average", "value")
 _MASK64 = (1 << 64) - 1
 
 
@@ -72,6 +73,11 @@ class PolicyConfig:
         return_horizon: rewards summed into a return (truncated; the rest is discounted away).
         normalize_advantages: standardise advantages in each batch (centre, unit variance).
         baseline_decay: decay of the moving-average baseline.
+        baseline: ``"average"`` (moving averages per progress bucket; with a shared policy, the
+            same-phase returns of other trials) or ``"value"``: a learned value ``V(state)`` (a
+            small MLP fit to the returns by squared error), which sees the state's absolute
+            features (lr scale, loss, progress), so an advantage compares an action with what
+            was expected *from that state*, not with trials that drew another initial lr.
         seed: seed of the network's initial weights.
 
     Example:
@@ -93,6 +99,7 @@ class PolicyConfig:
     return_horizon: int = 20
     normalize_advantages: bool = True
     baseline_decay: float = 0.9
+    baseline: str = "average"
     seed: int = 0
     state_dim: int = field(default=STATE_DIM, init=False)
 
@@ -138,6 +145,7 @@ class PolicyConfig:
             "baseline_decay",
             check_range("baseline_decay", self.baseline_decay, 0.0, 1.0, high_open=True),
         )
+        check_choice("baseline", self.baseline, BASELINES)
         set_(self, "seed", check_int("seed", self.seed, minimum=0))
 
     @property

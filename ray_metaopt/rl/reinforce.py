@@ -211,6 +211,59 @@ def reinforce_update(
     }
 
 
+class ValueNetwork(torch.nn.Module):
+    """``V(state)``: the expected return of a decision from its state row (the learned baseline).
+
+    One tanh hidden layer; the output layer starts at zero, so the first advantages are the
+    returns themselves (centred by the batch standardisation).
+    """
+
+    def __init__(self, state_dim: int, hidden_size: int, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed + 1)  # not the policy's own init stream
+        self.hidden = torch.nn.Linear(state_dim, hidden_size)
+        self.out = torch.nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            bound = math.sqrt(3.0 / state_dim)
+            self.hidden.weight.uniform_(-bound, bound, generator=generator)
+            self.hidden.bias.zero_()
+            self.out.weight.zero_()
+            self.out.bias.zero_()
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(states))).squeeze(-1)
+
+
+# The value fit must track returns faster than policy steps move them, from few batches (a quick
+# benchmark gives the shared policy ~35 updates): a few Adam steps per batch at a larger lr.
+_VALUE_LR = 3e-3
+_VALUE_STEPS = 8
+
+
+def value_baseline(value: ValueNetwork, batch: Batch) -> torch.Tensor:
+    """Each transition's baseline: the mean of ``V`` over its rows (no gradient)."""
+    with torch.no_grad():
+        rows = value(batch.states)
+    n = batch.returns.shape[0]
+    counts = torch.zeros(n).index_add(0, batch.row_index, torch.ones_like(rows))
+    return torch.zeros(n).index_add(0, batch.row_index, rows) / counts.clamp(min=1.0)
+
+
+def value_update(value: ValueNetwork, optimizer: torch.optim.Optimizer, batch: Batch, max_grad_norm: float) -> float | None:
+    """One squared-error step of ``V`` towards the batch's returns. Returns the loss (``None``: not finite)."""
+    rows = value(batch.states)
+    loss = torch.nn.functional.mse_loss(rows, batch.returns[batch.row_index])
+    if not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if not torch.isfinite(torch.nn.utils.clip_grad_norm_(value.parameters(), max_grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return loss.item()
+
+
 class Learner:
     """A policy, its Adam optimizer and its baseline: what learns from batches of transitions.
 
@@ -247,6 +300,11 @@ class Learner:
         self.network = PolicyNetwork(config)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.policy_lr, foreach=True)
         self.baseline_ema: dict[str, float] = {}
+        self.value: ValueNetwork | None = None
+        self.value_optimizer: torch.optim.Optimizer | None = None
+        if config.baseline == "value":
+            self.value = ValueNetwork(config.state_dim, config.hidden_size, config.seed)
+            self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=_VALUE_LR, foreach=True)
         self.version = 0
         self.updates = 0
         self.skipped_updates = 0
@@ -258,18 +316,31 @@ class Learner:
         buckets = [
             phase_bucket(t.get("progress"), int(t.get("decision", 0)), self.num_buckets) for t in transitions
         ]
-        baseline = compute_baseline(returns, buckets, self.baseline_ema, population=self.population_baseline)
+        batch = Batch.from_transitions(transitions)
         with single_threaded():
+            if self.value is not None:
+                baseline = value_baseline(self.value, batch)
+            else:
+                baseline = torch.tensor(
+                    compute_baseline(returns, buckets, self.baseline_ema, population=self.population_baseline),
+                    dtype=torch.float32,
+                )
             metrics = reinforce_update(
                 self.network,
                 self.optimizer,
-                Batch.from_transitions(transitions),
-                torch.tensor(baseline, dtype=torch.float32),
+                batch,
+                baseline,
                 entropy_weight=self.config.entropy_weight,
                 max_grad_norm=self.config.max_grad_norm,
                 normalize_advantages=self.config.normalize_advantages,
                 importance_clip=self.importance_clip,
             )
+            if metrics is not None and self.value is not None:
+                for _ in range(_VALUE_STEPS):
+                    value_loss = value_update(self.value, self.value_optimizer, batch, self.config.max_grad_norm)
+                    if value_loss is None:
+                        break
+                    metrics.setdefault("policy/value_loss", value_loss)  # before the fit: out-of-sample
         if metrics is None:
             self.skipped_updates += 1
             return {"policy/version": self.version, "policy/skipped_updates": self.skipped_updates}
@@ -288,11 +359,18 @@ class Learner:
         self.network.load_state_dict(weights)
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights, optimizer, baseline and counters (tensors and plain data)."""
+        """Weights, optimizer, baseline (the value network's too) and counters (tensors and plain data)."""
+        value = {}
+        if self.value is not None:
+            value = {
+                "value_weights": {k: v.detach().clone() for k, v in self.value.state_dict().items()},
+                "value_optimizer": self.value_optimizer.state_dict(),
+            }
         return {
             "config": self.config.to_dict(),
             "weights": self.weights(),
             "optimizer": self.optimizer.state_dict(),
+            **value,
             "baseline_ema": dict(self.baseline_ema),
             "version": self.version,
             "updates": self.updates,
@@ -305,6 +383,9 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # this run's policy_lr, not the saved one
             group["lr"] = self.config.policy_lr
+        if self.value is not None and "value_weights" in state:  # else (a policy without one): fresh
+            self.value.load_state_dict(state["value_weights"])
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
         self.baseline_ema = dict(state["baseline_ema"])
         self.version = int(state["version"])
         self.updates = int(state["updates"])
