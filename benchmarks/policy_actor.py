@@ -11,7 +11,13 @@ Three figures, measured in one run:
    median over rounds of (shared steps/s / local steps/s), every trial of a round counted.
 3. **Decision cost**: CPU microseconds of one decision step (frozen, learning, per group); the
    minimum over blocks is the figure least disturbed by other load on the machine.
-4. **RL wrapper overhead vs the raw optimizer** at ``update_frequency=10`` (target <= 1.03x):
+4. **Scale** (``--parts scale``): ``--clients`` (64) light trial clients (the real
+   ``PolicyClient``, no model, synthetic transitions) against one actor: flat-out ingestion
+   (every client sends 200 segments of 8 at once; target >= 10k transitions/s), then a trial's
+   rhythm (a 5 ms step as a sleep, a decision every 10 steps, a segment every 8 decisions,
+   weights polled every step) timing only the client calls (target <= 1% of the step), as wall
+   time and as CPU time of the calling thread.
+5. **RL wrapper overhead vs the raw optimizer** at ``update_frequency=10`` (target <= 1.03x):
    the interleaved raw/wrapped blocks of ``benchmarks/overhead.py`` (same model, same AdamW),
    with a learning RLMetaOptimizer, a frozen one, and an A/A control row.
 
@@ -167,6 +173,123 @@ def bench_trials(ray, trials: int, rounds: int, steps: int, hidden: int, batch: 
     }
 
 
+# ---------------------------------------------------------------------- 2b. many clients
+def _segments(count: int, segment_size: int, seed: int) -> list[list[dict]]:
+    """Transitions shaped as trials send them (STATE_DIM rows, 3x3 actions, version 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(count * segment_size, STATE_DIM, generator=gen).clamp(-3, 3).tolist()
+    return [
+        [
+            {
+                "rows": [feats[k * segment_size + i]],
+                "lr": [i % 3],
+                "wd": [(i * 7) % 3],
+                "logp": math.log(1 / 9),
+                "ret": 0.1 * ((k + i + seed) % 5),
+                "progress": ((k + i) % 10) / 10,
+                "decision": k,
+                "version": 0,
+            }
+            for i in range(segment_size)
+        ]
+        for k in range(count)
+    ]
+
+
+class _ScaleClient:
+    """A light trial: no model, the real :class:`~ray_metaopt.rl.actor.PolicyClient`, replaying
+    prepared transitions, so that dozens fit on 2 cores."""
+
+    def __init__(self, index: int) -> None:
+        torch.set_num_threads(1)
+        from ray_metaopt.rl.actor import PolicyClient
+
+        self.index = index
+        self.client = PolicyClient("bench_scale", "ray_metaopt_bench", source=f"client{index}")
+
+    def ready(self) -> bool:
+        return self.client._connect()
+
+    def flood(self, segments: int, segment_size: int, start_at: float) -> dict:
+        """Send ``segments`` segments back to back from ``start_at`` (wall clock), then drain."""
+        payloads = _segments(segments, segment_size, self.index)
+        time.sleep(max(0.0, start_at - time.time()))
+        started = time.perf_counter()
+        for p in payloads:
+            self.client.send(p)
+        send_s = time.perf_counter() - started
+        self.client.drain(timeout_s=120.0)
+        return {"send_s": send_s, "done_at": time.time(), "outbox": self.client.stats()["outbox"]}
+
+    def paced(self, steps: int, step_s: float, decision_every: int, segment_size: int, start_at: float) -> dict:
+        """A trial's rhythm: a ``step_s`` step (a sleep: the CPUs stay free for the others), a
+        decision every ``decision_every`` steps, a segment sent every ``segment_size`` decisions,
+        weights polled every step as :class:`RLMetaOptimizer` does. Times only the client calls."""
+        payloads = _segments(steps // (decision_every * segment_size) + 1, segment_size, 1000 + self.index)
+        time.sleep(max(0.0, start_at - time.time()))
+        version, cost, cpu, sent = 0, 0.0, 0.0, 0
+        for step in range(1, steps + 1):
+            time.sleep(step_s)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            update = self.client.poll(version)
+            if update is not None:
+                version = int(update["version"])
+            if step % (decision_every * segment_size) == 0:
+                self.client.send(payloads[sent])
+                sent += 1
+            cost += time.perf_counter() - t0
+            cpu += time.thread_time() - c0
+        self.client.drain(timeout_s=60.0)
+        budget = steps * step_s
+        return {"cost_fraction": cost / budget, "cpu_fraction": cpu / budget, "segments": sent, "version": version}
+
+
+def bench_scale(ray, clients: int, segments: int, paced_steps: int, segment_size: int = 8) -> dict:
+    """``clients`` light trials against one actor: flat-out ingestion, then a trial's rhythm."""
+    from ray_metaopt.rl import start_policy_actor
+
+    actor = start_policy_actor("bench_scale", namespace="ray_metaopt_bench", policy_config=POLICY)
+    started = time.perf_counter()
+    workers = [ray.remote(num_cpus=0)(_ScaleClient).remote(i) for i in range(clients)]
+    assert all(ray.get([w.ready.remote() for w in workers]))
+    startup_s = time.perf_counter() - started
+
+    before = ray.get(actor.stats.remote())["rollouts/transitions"]
+    start_at = time.time() + 2.0
+    flood = ray.get([w.flood.remote(segments, segment_size, start_at) for w in workers])
+    stats = ray.get(actor.stats.remote())
+    ingest_s = max(f["done_at"] for f in flood) - start_at
+    received = stats["rollouts/transitions"] - before
+
+    start_at = time.time() + 2.0
+    paced = ray.get([w.paced.remote(paced_steps, 0.005, 10, segment_size, start_at) for w in workers])
+    final = ray.get(actor.stats.remote())
+    for w in [*workers, actor]:
+        ray.kill(w)
+    costs = [p["cost_fraction"] for p in paced]
+    cpus = [p["cpu_fraction"] for p in paced]
+    return {
+        "clients": clients,
+        "client_startup_s": startup_s,
+        "flood_transitions_sent": clients * segments * segment_size,
+        "flood_transitions_received": received,
+        "flood_seconds": ingest_s,
+        "transitions_per_s": received / ingest_s,
+        "flood_send_s_median": statistics.median(f["send_s"] for f in flood),
+        "flood_left_in_outbox": sum(f["outbox"] for f in flood),
+        "paced_cost_fraction_median": statistics.median(costs),
+        "paced_cost_fraction_max": max(costs),
+        "paced_cpu_fraction_median": statistics.median(cpus),
+        "paced_cpu_fraction_max": max(cpus),
+        "paced_segments": sum(p["segments"] for p in paced),
+        "paced_min_client_version": min(p["version"] for p in paced),
+        "actor_version": final["policy/version"],
+        "actor_updates": final["policy/updates"],
+        "actor_dropped_stale": final["rollouts/dropped_stale"],
+        "actor_version_lag_mean": final["rollouts/version_lag_mean"],
+    }
+
+
 # ---------------------------------------------------------------------- 3. wrapper overhead
 def bench_decide(blocks: int = 20, per_block: int = 200) -> list[dict]:
     """CPU cost of one decision (the wrapper's decision step with an RLMetaOptimizer), in us.
@@ -255,11 +378,12 @@ def bench_overhead(device: torch.device, reps: int, block: int, sizes: list[tupl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--parts", default="ingest,trials,overhead", help="comma-separated: ingest, trials, overhead"
+        "--parts", default="ingest,trials,overhead", help="comma-separated: ingest, trials, scale, decide, overhead"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the overhead part")
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
     p.add_argument("--trials", type=int, default=2, help="concurrent trials (one CPU each)")
+    p.add_argument("--clients", type=int, default=64, help="light trial clients of the scale part")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: trials)")
     p.add_argument("--rounds", type=int, default=None, help="shared/local round pairs (default 8; quick 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per trial run (default 3000; quick 300)")
@@ -271,11 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     results: dict = {"torch": torch.__version__, "argv": sys.argv[1:]}
 
-    if parts & {"ingest", "trials"}:
+    if parts & {"ingest", "trials", "scale"}:
         import ray
 
         ray.init(
-            num_cpus=args.num_cpus or args.trials,
+            num_cpus=args.num_cpus or max(args.trials, 2),
             include_dashboard=False,
             configure_logging=False,
             log_to_driver=False,
@@ -306,6 +430,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['actor_transitions']} transitions, {r['actor_dropped_stale']} stale, "
                 f"mean lag {r['actor_version_lag_mean']:.2f}; target >= 0.97x: "
                 f"{'MET' if r['ratio'] >= 0.97 else 'NOT MET'}",
+                flush=True,
+            )
+        if "scale" in parts:
+            r = bench_scale(
+                ray,
+                args.clients,
+                segments=10 if q else 200,
+                paced_steps=200 if q else 2000,
+            )
+            results["scale"] = r
+            print(
+                f"[scale] {r['clients']} clients: {r['flood_transitions_received']}/{r['flood_transitions_sent']} "
+                f"transitions in {r['flood_seconds']:.2f} s: {r['transitions_per_s']:.0f} transitions/s "
+                f"(target >= 10000: {'MET' if r['transitions_per_s'] >= 10000 else 'NOT MET'}); trial-side "
+                f"send+poll cost at a 5 ms step: wall median {100 * r['paced_cost_fraction_median']:.3f}% (max "
+                f"{100 * r['paced_cost_fraction_max']:.3f}%; includes waiting for a core), CPU of the calling "
+                f"thread median {100 * r['paced_cpu_fraction_median']:.3f}% (max {100 * r['paced_cpu_fraction_max']:.3f}%) "
+                f"(target <= 1%: wall {'MET' if r['paced_cost_fraction_median'] <= 0.01 else 'NOT MET'}, CPU "
+                f"{'MET' if r['paced_cpu_fraction_median'] <= 0.01 else 'NOT MET'}); actor: "
+                f"{r['actor_updates']} updates, lag {r['actor_version_lag_mean']:.1f}, slowest client at "
+                f"version {r['paced_min_client_version']}",
                 flush=True,
             )
         ray.shutdown()
