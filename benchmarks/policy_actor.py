@@ -48,31 +48,35 @@ from ray_metaopt.rl.features import STATE_DIM
 POLICY = {"batch_size": 32, "policy_lr": 1e-3}
 
 
-# ---------------------------------------------------------------------- 1. actor ingestion
-def bench_ingestion(ray, segments: int, segment_size: int = 8) -> dict:
-    from ray_metaopt.rl import start_policy_actor
-
-    # Every segment says version 0; with no staleness bound (the default) every one is learned from.
-    actor = start_policy_actor("bench_ingest", namespace="ray_metaopt_bench", policy_config=POLICY)
-    gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(segments * segment_size, STATE_DIM, generator=gen).clamp(-3, 3).tolist()
-
-    def segment(k: int) -> list[dict]:
-        return [
+def _segments(count: int, segment_size: int, seed: int) -> list[list[dict]]:
+    """Transitions shaped as trials send them (STATE_DIM rows, 3x3 actions, version 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(count * segment_size, STATE_DIM, generator=gen).clamp(-3, 3).tolist()
+    return [
+        [
             {
                 "rows": [feats[k * segment_size + i]],
                 "lr": [i % 3],
                 "wd": [(i * 7) % 3],
                 "logp": math.log(1 / 9),
-                "ret": 0.1 * ((k + i) % 5),
+                "ret": 0.1 * ((k + i + seed) % 5),
                 "progress": ((k + i) % 10) / 10,
                 "decision": k,
                 "version": 0,
             }
             for i in range(segment_size)
         ]
+        for k in range(count)
+    ]
 
-    payloads = [segment(k) for k in range(segments)]
+
+# ---------------------------------------------------------------------- 1. actor ingestion
+def bench_ingestion(ray, segments: int, segment_size: int = 8) -> dict:
+    from ray_metaopt.rl import start_policy_actor
+
+    # Every segment says version 0; with no staleness bound (the default) every one is learned from.
+    actor = start_policy_actor("bench_ingest", namespace="ray_metaopt_bench", policy_config=POLICY)
+    payloads = _segments(segments, segment_size, seed=0)
     ray.get(actor.stats.remote())  # up and idle
     start = time.perf_counter()
     refs = [actor.submit.remote(p, f"producer{k % 4}") for k, p in enumerate(payloads)]
@@ -174,28 +178,6 @@ def bench_trials(ray, trials: int, rounds: int, steps: int, hidden: int, batch: 
 
 
 # ---------------------------------------------------------------------- 2b. many clients
-def _segments(count: int, segment_size: int, seed: int) -> list[list[dict]]:
-    """Transitions shaped as trials send them (STATE_DIM rows, 3x3 actions, version 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    feats = torch.randn(count * segment_size, STATE_DIM, generator=gen).clamp(-3, 3).tolist()
-    return [
-        [
-            {
-                "rows": [feats[k * segment_size + i]],
-                "lr": [i % 3],
-                "wd": [(i * 7) % 3],
-                "logp": math.log(1 / 9),
-                "ret": 0.1 * ((k + i + seed) % 5),
-                "progress": ((k + i) % 10) / 10,
-                "decision": k,
-                "version": 0,
-            }
-            for i in range(segment_size)
-        ]
-        for k in range(count)
-    ]
-
-
 class _ScaleClient:
     """A light trial: no model, the real :class:`~ray_metaopt.rl.actor.PolicyClient`, replaying
     prepared transitions, so that dozens fit on 2 cores."""
