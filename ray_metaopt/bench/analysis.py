@@ -1,7 +1,8 @@
 """From trial records to the numbers of the report: per arm and task, the metrics of the issue.
 
-For every arm on a task: the *headline* setting (the grid's best lr for tuned arms, the default
-lr otherwise, the best member for PBT), its final validation loss over the evaluation seeds
+For every arm on a task: the *headline* setting (the grid's best lr for tuned arms, the RL base
+schedule's tuned lr for the RL arm and its controls, the default lr otherwise, the best member
+for PBT), its final validation loss over the evaluation seeds
 (median and spread), a paired comparison with the tuned cosine and tuned fixed baselines, the
 steps to reach the target (the tuned cosine median), the tuning cost in trials x steps, the
 divergence rate over all its trials, and, for arms run over the lr grid, their robustness.
@@ -17,8 +18,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
-from .arms import ARMS_BY_NAME, RL_POLICY, Arm, SuiteSize, arms_for, pbt_arm
-from .runner import TrialRecord
+from .arms import ARMS_BY_NAME, RL_BASE_ARM, RL_POLICY, Arm, SuiteSize, arms_for, pbt_arm
+from .runner import TrialRecord, tuned_lr
 from .stats import (
     PairedComparison,
     Robustness,
@@ -78,11 +79,13 @@ class RLResult:
     episodes: list[TrialRecord]
     returns: list[float]  # in the order the episodes finished
     lrs: list[float]
-    baseline_returns: dict[float, float]  # lr -> mean return of the constant-lr (`fixed`) runs at that lr
-    advantages: list[float]  # return minus the constant-lr return at the episode's lr
+    baseline_returns: dict[float, float]  # lr -> mean return of the base schedule's runs at that lr
+    advantages: list[float]  # return minus the base schedule's return at the episode's lr
     first_round_mean: float  # mean advantage of the first round of training seeds (one episode per lr)
     last_round_mean: float
-    vs_fixed_by_lr: dict[float, PairedComparison | None]
+    vs_base_by_lr: dict[float, PairedComparison | None]  # the RL arm vs its base schedule at each lr
+    base_arm: str  # the arm that runs the base schedule alone
+    base_lr: float | None  # the base's tuned lr: where the RL arm and its controls are reported
     replay_schedule: list
     policy_stats: dict[str, Any]
 
@@ -101,6 +104,11 @@ def _select(records: Sequence[TrialRecord], task: str, arm: str, lr: float | Non
         r for r in records
         if r.task == task and r.arm == arm and (lr is None or (r.lr is not None and math.isclose(r.lr, lr)))
     ]
+
+
+def _has_lr(by_lr: Mapping[float, Any], lr: float) -> float | None:
+    """The key of ``by_lr`` equal to ``lr`` up to rounding, else ``None``."""
+    return next((k for k in by_lr if math.isclose(k, lr, rel_tol=1e-9)), None)
 
 
 def _finals_by_lr(records: Sequence[TrialRecord]) -> dict[float, dict[int, float]]:
@@ -125,11 +133,19 @@ def tuned_variant(arm: Arm) -> Arm:
 
 
 def _arm_result(
-    arm: Arm, task: str, records: Sequence[TrialRecord], size: SuiteSize, source: str | None = None
+    arm: Arm,
+    task: str,
+    records: Sequence[TrialRecord],
+    size: SuiteSize,
+    source: str | None = None,
+    base_lr: float | None = None,
 ) -> ArmResult | None:
-    """``arm``'s numbers from the records of arm ``source`` (default: its own name)."""
+    """``arm``'s numbers from the records of arm ``source`` (default: its own name).
+
+    ``base_lr``: the RL base arm's tuned lr, where the ``rl``/``base`` lr plans report.
+    """
     runs = _select(records, task, source or arm.name)
-    if not runs:
+    if not runs or arm.lr_plan == "rl_near":  # the base off the grid: a reference in the RL section only
         return None
     finals: dict[int, float] = {}
     curves: dict[int, TrialRecord] = {}
@@ -150,6 +166,8 @@ def _arm_result(
         by_lr = _finals_by_lr(runs)
         if arm.lr_plan == "tune":
             headline = best_setting({lr: list(v.values()) for lr, v in by_lr.items()})
+        elif arm.lr_plan in ("rl", "base") and base_lr is not None and _has_lr(by_lr, base_lr):
+            headline = _has_lr(by_lr, base_lr)
         elif len(by_lr) == 1:
             headline = next(iter(by_lr))
         else:
@@ -173,7 +191,10 @@ def _arm_result(
         num_trials=len(runs),
         num_diverged=sum(r.diverged for r in runs),
         num_errors=sum(r.status == "error" for r in runs),
-        finals_by_lr=by_lr if source is None else {},  # a variant repeats its source's robustness
+        # A variant repeats its source's robustness; robustness is over the grid (the RL arm also
+        # runs at two lrs off it).
+        finals_by_lr={lr: v for lr, v in by_lr.items() if any(math.isclose(lr, g) for g in size.lr_grid)}
+        if source is None else {},
     )
     return result
 
@@ -194,9 +215,11 @@ def _rl_result(
         return sum(finite) / len(finite) if finite else math.nan
 
     # The return depends mostly on the initial lr; what the policy adds is its return above
-    # that of a constant lr (the `fixed` arm's runs at the same lr, on the evaluation seeds).
+    # that of its base schedule alone at the same lr (on the evaluation seeds; off the grid the
+    # `rl_base` runs).
+    base_runs = _select(records, task, RL_BASE_ARM) + _select(records, task, "rl_base")
     baselines: dict[float, list[float]] = {}
-    for r in _select(records, task, "fixed"):
+    for r in base_runs:
         if r.lr is not None and r.train_loss and r.val_loss:
             baselines.setdefault(float(r.lr), []).append(episode_return(r.train_loss, r.val_loss, val_weight))
     baseline = {lr: mean(v) for lr, v in baselines.items()}
@@ -207,9 +230,9 @@ def _rl_result(
         by_seed.setdefault(e.seed, []).append(adv)
     seeds_in_order = sorted(by_seed, key=lambda s: min(e.order for e in episodes if e.seed == s))
 
-    fixed = _finals_by_lr(_select(records, task, "fixed"))
+    base = _finals_by_lr(base_runs)
     rl = _finals_by_lr(_select(records, task, "rl"))
-    vs_fixed = {lr: paired_comparison(rl[lr], fixed.get(lr, {})) for lr in sorted(rl)}
+    vs_base = {lr: paired_comparison(rl[lr], base.get(_has_lr(base, lr), {})) for lr in sorted(rl)}
     return RLResult(
         episodes=episodes,
         returns=returns,
@@ -218,7 +241,9 @@ def _rl_result(
         advantages=advantages,
         first_round_mean=mean(by_seed[seeds_in_order[0]]),
         last_round_mean=mean(by_seed[seeds_in_order[-1]]),
-        vs_fixed_by_lr=vs_fixed,
+        vs_base_by_lr=vs_base,
+        base_arm=RL_BASE_ARM,
+        base_lr=tuned_lr(records, task),
         replay_schedule=list(schedule or []),
         policy_stats=dict(stats or {}),
     )
@@ -235,8 +260,9 @@ def analyze(
     out: dict[str, TaskResult] = {}
     for task in size.tasks:
         arms: dict[str, ArmResult] = {}
+        base_lr = tuned_lr(records, task)
         for arm in arms_for(task, size):
-            result = _arm_result(arm, task, records, size)
+            result = _arm_result(arm, task, records, size, base_lr=base_lr)
             if result is not None:
                 arms[arm.name] = result
                 if arm.lr_plan == "sweep" and len(result.finals_by_lr) > 1:
@@ -245,7 +271,7 @@ def analyze(
         for name in sorted({r.arm for r in records if r.task == task} - set(arms) - {"rl_train"}):
             arm = ARMS_BY_NAME.get(name) or (pbt_arm(int(name[3:])) if name.startswith("pbt") else None)
             if arm is not None:  # arms of a run made with another size (e.g. --report-only)
-                result = _arm_result(arm, task, records, size)
+                result = _arm_result(arm, task, records, size, base_lr=base_lr)
                 if result is not None:
                     arms[name] = result
         medians = [a.summary.median for a in arms.values() if a.summary is not None]

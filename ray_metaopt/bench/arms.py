@@ -7,7 +7,17 @@ runs on the same tasks with the same evaluation seeds (paired), and with one of 
 - ``"tune"``: every lr of the grid; reported at the grid's best lr, costing the whole grid;
 - ``"sweep"``: every lr of the grid too, reported at the default lr, the others measure
   robustness to the initial lr;
-- ``"default"``: the default lr (the grid's centre) only.
+- ``"default"``: the default lr (the grid's centre) only;
+- ``"rl"`` (the trained RL policy): every lr of the grid plus 0.5x and 2x the tuned lr of its
+  base schedule (:data:`RL_BASE_ARM`), reported at that tuned lr;
+- ``"base"`` (the RL controls): the base schedule's tuned lr only;
+- ``"rl_near"`` (the base schedule alone): 0.5x and 2x that tuned lr, so that the RL policy is
+  compared with its own base at 0.5x, 1x and 2x the tuned lr.
+
+The RL arms run on the base schedule :data:`RL_BASE_SCHEDULE` (anchored actions multiply what it
+gives at each step, SOLAR's protocol); their "own base" is the arm :data:`RL_BASE_ARM`, the same
+schedule without a policy. The ``"base"`` and ``"rl_near"`` plans need that arm's tuned lr, known
+once the main phase is done, so those arms run in the ``rl_eval`` phase.
 
 Example:
     >>> size = SUITE_SIZES["quick"]
@@ -30,6 +40,15 @@ STRATEGIES_MODULE = "ray_metaopt.bench.strategies"
 # The benchmark's RL policy: lr actions only (weight decay is not what the suite measures), a
 # policy learning rate that can move in tens of episodes, the default network and keep prior, and
 # the learned value baseline (the training episodes span a 1000x range of initial lrs).
+# The schedule the RL arms act on, and the arm that runs it alone (the RL policy's own base).
+# The policy multiplies the base at each decision; untrained it reproduces the base exactly, so
+# the tuned baseline is where it starts, not what it has to rediscover (SOLAR anchors its
+# controller to the tuned cosine schedule the same way).
+RL_BASE_SCHEDULE = "cosine"
+RL_BASE_ARM = "cosine"
+# 0.5x and 2x the base's tuned lr: where the policy must also beat its base (issue 10).
+RL_NEAR_FACTORS = (0.5, 2.0)
+
 RL_POLICY: dict[str, Any] = {
     "lr_actions": [0.5, 1.0, 2.0],
     "wd_actions": None,
@@ -207,7 +226,8 @@ class Arm:
         name: identifier used in tables, plots and the ``_bench`` tag of trial configs.
         family: ``baseline``, ``heuristic``, ``pbt``, ``rl``, ``rl_control``, ``moe`` or ``optional``.
         description: what the arm is, for the report.
-        lr_plan: ``tune``, ``sweep`` or ``default`` (see module doc); ``pbt`` for PBT arms.
+        lr_plan: ``tune``, ``sweep``, ``default``, ``rl``, ``base`` or ``rl_near`` (see module
+            doc); ``pbt`` for PBT arms.
         phase: ``main``, ``rl_eval``, ``rl_replay`` or ``pbt``: when it can run (the RL arms
             need the trained policy, the replay needs the RL arm's trajectories).
         config: the trainable config's arm-specific part for an :class:`ArmContext`.
@@ -240,6 +260,11 @@ def _plateau_config(ctx: ArmContext) -> dict[str, Any]:
 
 def _rl_config(ctx: ArmContext, **extra: Any) -> dict[str, Any]:
     return {**RL_POLICY, "update_frequency": ctx.size.rl_update_every, **extra}
+
+
+def rl_arm_config(ctx: ArmContext, meta: str = "rl", **extra: Any) -> dict[str, Any]:
+    """An RL arm's trainable config: ``meta`` on the base schedule with the benchmark's policy."""
+    return {"meta": meta, "schedule": RL_BASE_SCHEDULE, "meta_config": _rl_config(ctx, **extra)}
 
 
 def moe_task_accepts(key: str) -> bool:
@@ -291,23 +316,30 @@ GENERIC_ARMS: tuple[Arm, ...] = (
                 "warmup_steps": ctx.size.eval_interval,
             },
         }),
-    Arm("rl", "rl", "RL policy trained with the shared policy actor, evaluated frozen (mean readout of its action distribution) on fresh seeds",
-        "sweep", "rl_eval",
-        lambda ctx: {"meta": "rl", "meta_config": _rl_config(ctx, policy_path=ctx.policy_path, frozen=True)}),
-    Arm("rl_untrained", "rl_control", "control: the same RL meta-optimizer with an untrained (initial) policy, frozen (its mean readout is 'keep': the base schedule)",
-        "default", "main", lambda ctx: {"meta": "rl", "meta_config": _rl_config(ctx, frozen=True)}),
+    Arm("rl", "rl",
+        f"RL policy on a {RL_BASE_SCHEDULE} base schedule, trained with the shared policy actor, evaluated frozen "
+        "(mean readout of its action distribution) on fresh seeds; reported at its base's tuned lr",
+        "rl", "rl_eval", lambda ctx: rl_arm_config(ctx, policy_path=ctx.policy_path, frozen=True)),
+    Arm("rl_untrained", "rl_control",
+        "control: the same RL meta-optimizer with an untrained (initial) policy, frozen (its mean readout is "
+        "'keep': the base schedule)",
+        "base", "rl_eval", lambda ctx: rl_arm_config(ctx, frozen=True)),
     Arm("rl_state_blind", "rl_control", "control: the trained policy acting on an all-zero state (same network)",
-        "default", "rl_eval",
-        lambda ctx: {
-            "meta": _strategy("StateBlindRLMetaOptimizer"),
-            "meta_config": _rl_config(ctx, policy_path=ctx.policy_path, frozen=True),
-        }),
-    Arm("rl_replay", "rl_control", "control: replay of the trained policy's average lr trajectory (geometric mean over seeds)",
-        "default", "rl_replay",
+        "base", "rl_eval",
+        lambda ctx: rl_arm_config(ctx, _strategy("StateBlindRLMetaOptimizer"), policy_path=ctx.policy_path, frozen=True)),
+    Arm("rl_replay", "rl_control",
+        "control: replay of the trained policy's average lr multiplier trajectory (geometric mean over seeds) on "
+        "the same base schedule",
+        "base", "rl_replay",
         lambda ctx: {
             "meta": _strategy("LRReplay"),
+            "schedule": RL_BASE_SCHEDULE,
             "meta_config": {"schedule": ctx.replay_schedule or [], "update_frequency": ctx.size.rl_update_every},
         }),
+    Arm("rl_base", "rl_control",
+        f"the RL policy's base ({RL_BASE_ARM}) alone at {' and '.join(f'{f:g}x' for f in RL_NEAR_FACTORS)} its "
+        "tuned lr, off the grid: the reference of the RL arm there",
+        "rl_near", "rl_eval", lambda ctx: ARMS_BY_NAME[RL_BASE_ARM].config(ctx)),
 )
 
 def pbt_arm(population: int) -> Arm:
@@ -405,13 +437,33 @@ def skipped_arms(task: str, size: SuiteSize) -> list[tuple[str, str]]:
     return out
 
 
-def lrs_for(arm: Arm, task: str, size: SuiteSize) -> list[float]:
-    """The initial lrs ``arm`` runs at on ``task``."""
+def rl_near_lrs(base_lr: float) -> list[float]:
+    """The off-grid lrs where the RL policy is also compared with its base (0.5x and 2x ``base_lr``)."""
+    return [base_lr * f for f in RL_NEAR_FACTORS]
+
+
+def lrs_for(arm: Arm, task: str, size: SuiteSize, base_lr: float | None = None) -> list[float]:
+    """The initial lrs ``arm`` runs at on ``task``.
+
+    ``base_lr`` is the tuned lr of the RL base arm (:data:`RL_BASE_ARM`) on ``task``; the RL
+    plans need it (``None``: not known yet, so the default lr stands in, e.g. to count trials).
+    """
     if arm.lr_plan == "tune" or (arm.lr_plan == "sweep" and task in size.sweep_tasks):
         return list(size.lr_grid)
     if arm.family == "optional":
         return [1.0]
+    base = size.default_lr if base_lr is None else base_lr
+    if arm.lr_plan == "rl":
+        return list(size.lr_grid) + [lr for lr in rl_near_lrs(base) if not any(_same_lr(lr, g) for g in size.lr_grid)]
+    if arm.lr_plan == "base":
+        return [base]
+    if arm.lr_plan == "rl_near":
+        return [lr for lr in rl_near_lrs(base) if not any(_same_lr(lr, g) for g in size.lr_grid)]
     return [size.default_lr]
+
+
+def _same_lr(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
 def trial_config(arm: Arm, ctx: ArmContext, *, phase: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import platform
 from typing import Any, Mapping, Sequence
 
 from .analysis import REFERENCE_ARM, ArmResult, TaskResult
-from .arms import RL_POLICY, SuiteSize, arms_for, skipped_arms
+from .arms import RL_BASE_ARM, RL_BASE_SCHEDULE, RL_NEAR_FACTORS, RL_POLICY, SuiteSize, arms_for, skipped_arms
 from .stats import paired_comparison
 
 
@@ -298,12 +298,18 @@ def rl_section(result: TaskResult) -> list[str]:
         f"{stats.get('policy/updates', '–')} REINFORCE updates from {stats.get('rollouts/transitions', '–')} transitions, "
         f"entropy {_num(stats.get('policy/entropy'), '.3f')}."
     )
+    base = f"`{rl.base_arm}`"
+    at = f"{rl.base_lr:.3g}" if rl.base_lr is not None else "the default lr"
+    lines.append(
+        f"Base schedule: the RL arms act on {base}'s schedule (each decision multiplies what it gives at that step), "
+        f"and are reported at {base}'s tuned lr, {at}; untrained, the policy is that schedule exactly."
+    )
     lines.append(
         "Learning curve: an episode's return (the sum of its rewards, log(first/last) training loss plus "
-        "log(first/last) validation loss) minus that of a constant lr at the same initial lr (the `fixed` runs). "
-        f"Mean over the first round of training seeds (one episode per lr): {_num(rl.first_round_mean, '+.3f')}; "
+        f"log(first/last) validation loss) minus that of the base schedule alone at the same initial lr (the {base} "
+        f"runs). Mean over the first round of training seeds (one episode per lr): {_num(rl.first_round_mean, '+.3f')}; "
         f"over the last round: {_num(rl.last_round_mean, '+.3f')}. Positive: the policy's lr changes improved on "
-        "leaving the lr alone."
+        "following the base schedule."
     )
     lines.append("")
     controls = [n for n in ("rl_untrained", "rl_state_blind", "rl_replay") if n in result.arms]
@@ -312,19 +318,25 @@ def rl_section(result: TaskResult) -> list[str]:
         for name in controls:
             c = paired_comparison(trained.finals, result.arms[name].finals)
             rows.append([f"`rl` vs `{name}`", _comparison(c)])
+        own = rl.vs_base_by_lr.get(trained.headline_lr) if trained.headline_lr is not None else None
+        rows.append([f"`rl` vs {base} at the same lr", _comparison(own)])
         fixed = result.arms.get("fixed")
         if fixed is not None:
-            fixed_default = fixed.finals_by_lr.get(trained.headline_lr, {}) if trained.headline_lr else {}
-            rows.append(["`rl` vs `fixed` at the same lr", _comparison(paired_comparison(trained.finals, fixed_default))])
-        lines += [_table(["comparison at the default lr", "median ratio, seeds where `rl` is lower"], rows), ""]
-    if rl.vs_fixed_by_lr:
-        rows = [[f"{lr:.3g}", _comparison(c)] for lr, c in rl.vs_fixed_by_lr.items()]
-        lines += [_table(["initial lr", "`rl` vs `fixed` at that lr"], rows), ""]
+            fixed_same = fixed.finals_by_lr.get(trained.headline_lr, {}) if trained.headline_lr else {}
+            rows.append(["`rl` vs `fixed` at the same lr", _comparison(paired_comparison(trained.finals, fixed_same))])
+        lines += [_table([f"comparison at lr {at}", "median ratio, seeds where `rl` is lower"], rows), ""]
+    if rl.vs_base_by_lr:
+        def label(lr: float) -> str:
+            if rl.base_lr is None or math.isclose(lr, rl.base_lr):
+                return f"{lr:.3g}" + (" (tuned)" if rl.base_lr is not None else "")
+            return f"{lr:.3g} (×{lr / rl.base_lr:.3g} tuned)"
+        rows = [[label(lr), _comparison(c)] for lr, c in rl.vs_base_by_lr.items()]
+        lines += [_table(["initial lr", f"`rl` vs {base} at that lr"], rows), ""]
     if rl.replay_schedule:
         final = rl.replay_schedule[-1][1]
         lines.append(
-            f"The trained policy's average lr trajectory at the default lr (what `rl_replay` replays) has "
-            f"{len(rl.replay_schedule)} steps and ends at ×{final:.3g} the initial lr."
+            f"The trained policy's average lr-multiplier trajectory at lr {at} (what `rl_replay` replays on the "
+            f"same base) has {len(rl.replay_schedule)} changes and ends at ×{final:.3g} the base."
         )
         lines.append("")
     lines += [f"- {line}" for line in rl_verdict(result)] + [""]
@@ -379,17 +391,16 @@ def rl_verdict(result: TaskResult) -> list[str]:
     rl = result.rl
     if rl is not None and rl.replay_schedule and rl.replay_schedule[-1][1] < 0.25:
         out.append(
-            f"On average the policy decays the lr to ×{rl.replay_schedule[-1][1]:.3g} of its initial value. Each "
+            f"On average the policy ends at ×{rl.replay_schedule[-1][1]:.3g} of its base schedule. Each "
             "action is rewarded by the loss improvement of the next few intervals, and cutting the lr lowers the "
             "loss at once (less gradient noise) while costing progress later: the short-horizon bias of greedy "
-            "lr control (Wu et al., 2018). A longer return horizon, a reward on the final loss only, or the "
-            "`schedule` action mode (acting around a cosine schedule) address it."
+            "lr control (Wu et al., 2018)."
         )
     out.append(
         "Design facts that bound what it can learn here: the state carries the lr on an absolute scale "
         "(`log10_lr`) beside its ratio to the initial lr, the log-loss and the last action's multiplier, but the "
         "policy has seen only the training grid's lrs; each action sets the lr to ×0.5, ×1 or ×2 of the base "
-        "schedule (anchored, never compounding); REINFORCE learns from "
+        f"schedule (`{rl.base_arm if rl else RL_BASE_ARM}`'s, anchored, never compounding); REINFORCE learns from "
         f"{len(result.rl.episodes) if result.rl else 0} episodes of credit-assigned log-loss improvements, a few "
         "thousand noisy transitions at most in the quick size."
     )
@@ -473,10 +484,14 @@ def render_report(
     )
     lines.append(
         f"- RL (on {list(size.rl_tasks)}): `RLMetaOptimizer` deciding every {size.rl_update_every} steps with "
-        f"policy {RL_POLICY}; trained through one shared policy actor (`MetaOptCallback`) on "
-        f"{len(size.rl_train_seeds)} fresh seeds × every grid lr, then evaluated frozen (the mean readout of its action distribution: keep moved by what it learned) on the "
-        "evaluation seeds. Controls: untrained policy (frozen initial weights), state-blind policy (trained weights, "
-        "all-zero state), replay of the trained policy's geometric-mean lr trajectory."
+        f"policy {RL_POLICY}, acting on the `{RL_BASE_SCHEDULE}` schedule (the `{RL_BASE_ARM}` arm without a "
+        "policy: each action multiplies what that schedule gives at the step); trained through one shared policy "
+        f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × every grid lr, then evaluated frozen "
+        "(the mean readout of its action distribution: keep moved by what it learned) on the evaluation seeds, at "
+        f"every grid lr and at {' and '.join(f'{f:g}x' for f in RL_NEAR_FACTORS)} the base's tuned lr (where the "
+        "base runs too, as `rl_base`), and reported at the base's tuned lr. Controls at that lr: untrained policy "
+        "(frozen initial weights: the base schedule), state-blind policy (trained weights, all-zero state), replay "
+        "of the trained policy's geometric-mean lr-multiplier trajectory on the same base."
     )
     lines.append(
         "- Plateau rules (torch `ReduceLROnPlateau`, `plateau`, `advanced_plateau`) decide once per evaluation; "

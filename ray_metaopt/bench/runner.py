@@ -2,12 +2,14 @@
 
 Phases (each one or more Tune experiments with the provided trainable):
 
-1. ``main``: baselines, heuristics, MoE arms, the untrained-policy control and the RL training
-   episodes (fresh seeds, every lr of the grid), all tasks, one experiment: trials run
-   concurrently and actors are reused between trials. Each task's episodes learn through one
-   shared policy actor that :class:`~ray_metaopt.tune.MetaOptCallback` starts and saves.
-2. ``rl_eval``: the saved policy, frozen, on the evaluation seeds; and the state-blind control.
-3. ``rl_replay``: the RL arm's average lr trajectory replayed.
+1. ``main``: baselines, heuristics, MoE arms and the RL training episodes (fresh seeds, every
+   lr of the grid), all tasks, one experiment: trials run concurrently and actors are reused
+   between trials. Each task's episodes learn through one shared policy actor that
+   :class:`~ray_metaopt.tune.MetaOptCallback` starts and saves.
+2. ``rl_eval``: the saved policy, frozen, on the evaluation seeds (the grid and 0.5x/2x its base
+   schedule's tuned lr, which the main phase found); the untrained and state-blind controls at
+   that tuned lr; the base schedule alone at 0.5x/2x.
+3. ``rl_replay``: the RL arm's average lr-multiplier trajectory at that lr replayed.
 4. ``pbt``: per task, population and evaluation seed, one PBT experiment.
 
 Example:
@@ -25,8 +27,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from .arms import RL_POLICY, Arm, ArmContext, SuiteSize, arms_for, lrs_for, trial_config
-from .stats import executed_steps, mean_lr_factors
+from .arms import RL_BASE_ARM, RL_POLICY, Arm, ArmContext, SuiteSize, arms_for, lrs_for, rl_arm_config, trial_config
+from .stats import best_setting, executed_steps, mean_lr_factors
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +40,9 @@ class TrialRecord:
     """One trial's tag (arm, task, lr, seed), outcome and curves, as plain data.
 
     ``steps``/``val_loss``/``train_loss``/``lr`` hold one entry per report (evaluation);
-    ``lr_changes`` is group 0's lr trajectory as ``[from_step, lr / initial lr]`` from the
-    meta-optimizer's decisions; ``order`` is the position in which the trial finished.
+    ``lr_changes`` is group 0's lr-multiplier trajectory as ``[from_step, factor]`` from the
+    meta-optimizer's decisions, the factor applying to what the base schedule gives (on a constant
+    schedule, ``lr / initial lr``); ``order`` is the position in which the trial finished.
     """
 
     arm: str
@@ -141,15 +144,18 @@ def _recorder_class() -> type:
             record.lr_trace.append(_float(result.get("lr")))
             if result.get("diverged"):
                 record.status = "diverged"
-            initial = record.lr
             for decision in result.get("meta/decisions") or ():
                 if (
                     isinstance(decision, Mapping)
                     and decision.get("group") == 0
                     and decision.get("hparam") == "lr"
-                    and initial
+                    and _float(decision.get("old")) > 0.0
                 ):
-                    record.lr_changes.append([int(decision["step"]) + 1, float(decision["new"]) / float(initial)])
+                    # The multiplier on whatever the base schedule gives: chained ratios new/old
+                    # (on a constant base, lr / initial lr).
+                    current = record.lr_changes[-1][1] if record.lr_changes else 1.0
+                    factor = current * float(decision["new"]) / float(decision["old"])
+                    record.lr_changes.append([int(decision["step"]) + 1, factor])
 
         def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
             record = self._record(trial)
@@ -332,28 +338,39 @@ class Runner:
                 policies[task] = callback.saved_policy_path
         return policies, stats
 
+    def base_lr(self, task: str) -> float:
+        """The tuned lr of the RL base arm on ``task`` (from the main phase), else the default lr."""
+        lr = tuned_lr(self.records, task)
+        if lr is None:
+            self.notes.append(f"{task}: no `{RL_BASE_ARM}` runs, so the RL arms ran at the default lr")
+            return self.size.default_lr
+        return lr
+
     def rl_eval_phase(self, policies: Mapping[str, str]) -> list[TrialRecord]:
         configs = []
         for task, path in policies.items():
+            base_lr = self.base_lr(task)
             for arm in arms_for(task, self.size):
                 if arm.phase != "rl_eval":
                     continue
-                for lr in lrs_for(arm, task, self.size):
+                for lr in lrs_for(arm, task, self.size, base_lr):
                     for seed in self.size.seeds:
                         configs.append(trial_config(arm, ArmContext(task, self.size, lr, seed, policy_path=path)))
         return self.run_grid("rl_eval", configs)
 
     def rl_replay_phase(self, tasks: Sequence[str]) -> dict[str, list]:
-        """Replay, on each task, the geometric-mean lr trajectory of the frozen RL arm at the default lr."""
+        """Replay, on each task, the geometric-mean lr-multiplier trajectory of the frozen RL arm at its base's tuned lr."""
         schedules: dict[str, list] = {}
         configs = []
         for task in tasks:
+            base_lr = self.base_lr(task)
             runs = [
                 r for r in self.records
-                if r.task == task and r.arm == "rl" and r.lr == self.size.default_lr and r.status == "done"
+                if r.task == task and r.arm == "rl" and r.lr is not None and math.isclose(r.lr, base_lr)
+                and r.status == "done"
             ]
             if not runs:
-                self.notes.append(f"{task}: no finished RL run at the default lr, so no replay control")
+                self.notes.append(f"{task}: no finished RL run at lr {base_lr:.3g}, so no replay control")
                 continue
             schedule = mean_lr_factors([[(int(s), float(f)) for s, f in r.lr_changes] for r in runs])
             schedules[task] = schedule
@@ -361,7 +378,7 @@ class Runner:
                 if arm.phase != "rl_replay":
                     continue
                 for seed in self.size.seeds:
-                    ctx = ArmContext(task, self.size, self.size.default_lr, seed, replay_schedule=schedule)
+                    ctx = ArmContext(task, self.size, base_lr, seed, replay_schedule=schedule)
                     configs.append(trial_config(arm, ctx))
         self.run_grid("rl_replay", configs)
         return schedules
@@ -412,8 +429,22 @@ _TRAIN_ARM = Arm(
     "RL training episode (shared policy, learning)",
     "sweep",
     "rl_train",
-    lambda ctx: {"meta": "rl", "meta_config": {**RL_POLICY, "update_frequency": ctx.size.rl_update_every}},
+    rl_arm_config,
 )
+
+
+def tuned_lr(records: Sequence[TrialRecord], task: str, arm: str = RL_BASE_ARM) -> float | None:
+    """The lr where ``arm`` has the lowest median final val loss on ``task`` (``None``: no runs).
+
+    Example:
+        >>> tuned_lr(runner.records, "teacher_student")  # the RL base schedule's tuned lr
+        0.0178
+    """
+    by_lr: dict[float, list[float]] = {}
+    for r in records:
+        if r.task == task and r.arm == arm and r.lr is not None:
+            by_lr.setdefault(float(r.lr), []).append(r.final_val_loss)
+    return best_setting(by_lr) if by_lr else None
 
 
 @dataclass
@@ -446,15 +477,15 @@ def run_suite(
     runner = Runner(size, storage_path, cpus_per_trial, gpus_per_trial, progress)
     rl_tasks = [t for t in size.rl_tasks if t in size.tasks]
     progress(
-        f"phase main: baselines, heuristics, MoE arms, untrained-policy control ({', '.join(size.tasks)})"
+        f"phase main: baselines, heuristics, MoE arms ({', '.join(size.tasks)})"
         + (f" and the RL training episodes ({', '.join(rl_tasks)})" if rl_tasks else "")
     )
     policies, policy_stats = runner.main_phase()
     schedules: dict[str, list] = {}
     if policies:
-        progress("phase rl_eval: frozen policy and state-blind control on the evaluation seeds")
+        progress("phase rl_eval: frozen policy, untrained and state-blind controls, base schedule near its tuned lr")
         runner.rl_eval_phase(policies)
-        progress("phase rl_replay: the RL arm's average lr trajectory replayed")
+        progress("phase rl_replay: the RL arm's average lr-multiplier trajectory replayed")
         schedules = runner.rl_replay_phase(list(policies))
     if any(task in size.tasks for task in size.pbt_tasks) and size.pbt_populations:
         progress(f"phase pbt: populations {list(size.pbt_populations)}, {len(size.pbt_seeds or size.seeds)} seeds each")

@@ -120,13 +120,16 @@ class TorchReduceLROnPlateau(MetaOptimizer):
 
 
 class LRReplay(MetaOptimizer):
-    """Replays an lr trajectory given as factors of each group's initial lr.
+    """Replays an lr-multiplier trajectory on top of whatever schedule the optimizer follows.
 
     ``schedule`` is ``[[from_step, factor], ...]``: from ``from_step`` completed optimizer steps on,
-    every group's lr is ``factor * initial_lr`` (1 before the first entry). Decisions happen every
-    ``update_frequency`` steps; at a decision after ``n`` completed steps the factor of the last
-    entry with ``from_step <= n`` applies. With the ``update_frequency`` of the run the schedule was
-    recorded from, the replay changes the lr at exactly the same steps.
+    every group's lr is ``factor`` times its base (1 before the first entry). The base is what the
+    lr would be without the replay: on a constant lr the initial lr, with a torch LR scheduler
+    attached to the wrapper that scheduler's value (the wrapper keeps the scheduler's
+    ``base_lrs`` scaled by each change). Decisions happen every ``update_frequency`` steps; at a
+    decision after ``n`` completed steps the factor of the last entry with ``from_step <= n``
+    applies. With the ``update_frequency`` of the run the schedule was recorded from, the replay
+    changes the lr at exactly the same steps.
 
     Args:
         schedule: ``[[from_step, factor], ...]`` sorted by step, factors positive and finite.
@@ -135,6 +138,8 @@ class LRReplay(MetaOptimizer):
     Example:
         >>> meta = LRReplay([[10, 0.5], [20, 0.25]], update_frequency=10)
     """
+
+    _state_attrs: ClassVar[tuple[str, ...]] = ("applied",)
 
     def __init__(self, schedule: Sequence[Sequence[float]], update_frequency: int = 1, **bounds: Any) -> None:
         super().__init__(update_frequency, **bounds)
@@ -161,13 +166,21 @@ class LRReplay(MetaOptimizer):
             factor = f
         return factor
 
+    def _init_state(self) -> None:
+        self.applied: list[float] = []  # per group: the factor in force (plain data, checkpointed)
+
     def decide(self, metrics: Mapping[str, float], step: int, groups: Sequence[GroupState]) -> list[HParamUpdate]:
         factor = self.factor_at(step + 1)
-        return [
-            HParamUpdate(g.index, "lr", g.initial_lr * factor, f"replay: lr = {factor:.4g} x initial")
-            for g in groups
-            if g.lr != g.initial_lr * factor
-        ]
+        updates = []
+        for g in groups:
+            while len(self.applied) <= g.index:
+                self.applied.append(1.0)
+            current = self.applied[g.index]
+            if factor != current:
+                new = g.lr * factor / current  # g.lr / current: the base's value now
+                updates.append(HParamUpdate(g.index, "lr", new, f"replay: lr = {factor:.4g} x base"))
+                self.applied[g.index] = factor
+        return updates
 
     def __repr__(self) -> str:
         return f"LRReplay(update_frequency={self.update_frequency}, {len(self.schedule)} changes)"

@@ -38,6 +38,11 @@ FINALS = {
     ("plateau", 1e-2): [(0.31, 0.29), (0.4, 0.35), None],
     ("rl", 1e-3): [(0.9, 0.6), (0.9, 0.6), (0.9, 0.6)],
     ("rl", 1e-2): [(0.5, 0.32), (0.5, 0.34), (0.5, 0.30)],
+    # off the grid, at 0.5x and 2x the RL base's (cosine's) tuned lr 1e-2, with the base alone there
+    ("rl", 5e-3): [(0.5, 0.35), (0.5, 0.36), (0.5, 0.37)],
+    ("rl", 2e-2): [(0.5, 0.5), (0.5, 0.5), (0.5, 0.5)],
+    ("rl_base", 5e-3): [(0.5, 0.36), (0.5, 0.37), (0.5, 0.38)],
+    ("rl_base", 2e-2): [(0.5, 0.4), (0.5, 0.4), (0.5, 0.4)],
 }
 
 
@@ -107,7 +112,16 @@ def test_swept_arm_also_reported_at_its_best_lr_costing_the_grid(result):
     assert (tuned.cost_trials, tuned.cost_steps) == (2, 80)
     assert (tuned.vs_cosine.wins, tuned.vs_cosine.losses) == (3, 0)
     assert tuned.robustness is None  # its robustness is the plateau row's
-    assert result.arms["rl_tuned"].headline_lr == 1e-2 and result.arms["rl_tuned"].one_time_steps == 80
+    assert "rl_tuned" not in result.arms  # the RL arm is reported at its base's tuned lr already
+
+
+def test_rl_arm_and_controls_report_at_their_base_schedules_tuned_lr(result):
+    assert result.rl.base_arm == "cosine" and result.rl.base_lr == 1e-2
+    rl = result.arms["rl"]
+    assert rl.headline_lr == 1e-2 and rl.finals == {0: 0.32, 1: 0.34, 2: 0.30}
+    # robustness over the grid only (the two off-grid lrs are for the comparison with the base)
+    assert set(rl.robustness.medians) == {1e-3, 1e-2}
+    assert "rl_base" not in result.arms  # a reference inside the RL section, not a row
 
 
 def test_robustness_over_the_grid(result):
@@ -131,17 +145,20 @@ def test_rl_counts_its_training_episodes_and_learning_curve(result):
     rl = result.arms["rl"]
     assert rl.one_time_steps == 80  # two training episodes of 40 steps
     assert result.rl.returns == pytest.approx([math.log(2) + math.log(0.8 / 0.6), math.log(2) + math.log(2)])
-    # advantage = return - the constant-lr (fixed) return at that lr; the training losses are equal
-    fixed_val = {1e-3: [0.50, 0.52, 0.54], 1e-2: [0.40, 0.42, 0.38]}
-    first_val = {1e-3: 0.9, 1e-2: 0.5}
-    base = {lr: sum(math.log(first_val[lr] / v) for v in vs) / 3 for lr, vs in fixed_val.items()}
+    # advantage = return - the base schedule's (cosine's) return at that lr; the training losses are equal
+    base_val = {1e-3: [0.45, 0.47, 0.46], 1e-2: [0.30, 0.33, 0.31]}
+    first_val = {1e-3: 0.9, 1e-2: 0.6}
+    base = {lr: sum(math.log(first_val[lr] / v) for v in vs) / 3 for lr, vs in base_val.items()}
     expected = [math.log(0.8 / 0.6) - base[1e-3], math.log(0.8 / 0.4) - base[1e-2]]
     assert result.rl.advantages == pytest.approx(expected)
     assert result.rl.first_round_mean == pytest.approx(sum(expected) / 2)  # one round: first == last
     assert result.rl.last_round_mean == result.rl.first_round_mean
-    vs_fixed = result.rl.vs_fixed_by_lr
-    assert (vs_fixed[1e-2].wins, vs_fixed[1e-2].losses) == (3, 0)  # 0.32/0.34/0.30 vs 0.40/0.42/0.38
-    assert (vs_fixed[1e-3].wins, vs_fixed[1e-3].losses) == (0, 3)
+    vs_base = result.rl.vs_base_by_lr
+    assert sorted(vs_base) == [1e-3, 5e-3, 1e-2, 2e-2]
+    assert (vs_base[1e-2].wins, vs_base[1e-2].losses) == (1, 2)  # 0.32/0.34/0.30 vs cosine 0.30/0.33/0.31
+    assert (vs_base[1e-3].wins, vs_base[1e-3].losses) == (0, 3)
+    assert (vs_base[5e-3].wins, vs_base[5e-3].losses) == (3, 0)  # vs the `rl_base` runs off the grid
+    assert (vs_base[2e-2].wins, vs_base[2e-2].losses) == (0, 3)
 
 
 def test_findings_state_winners_and_losers(result):
@@ -150,15 +167,15 @@ def test_findings_state_winners_and_losers(result):
     assert "highest: `fixed` (0.4)" in text
     assert "Better than the tuned cosine schedule on most seeds: `plateau_tuned`, `pbt2`." in text
     # rl: 0.32/0.34/0.30 vs 0.30/0.33/0.31
-    assert "Worse on most seeds: `fixed`, `plateau`, `rl`, `rl_tuned`." in text
+    assert "Worse on most seeds: `fixed`, `plateau`, `rl`." in text
     assert "`plateau` 1/6 trials" in text and "`pbt2` 1/6 trials" in text
 
 
 def test_headline_table_has_one_row_per_arm_sorted_by_median(result):
     table = headline_table(result).splitlines()
     names = [line.split("|")[1].strip().strip("`") for line in table[2:]]
-    assert names == ["plateau_tuned", "pbt2", "cosine", "rl", "rl_tuned", "plateau", "fixed"]
-    assert "0.35 [0.32, diverged] (n=3)" in table[7]  # plateau's median and quartiles
+    assert names == ["plateau_tuned", "pbt2", "cosine", "rl", "plateau", "fixed"]
+    assert "0.35 [0.32, diverged] (n=3)" in table[6]  # plateau's median and quartiles
 
 
 def test_report_renders_every_section(result):
