@@ -104,11 +104,14 @@ STRATEGIES: dict[str, Strategy] = {
     ),
     "rl": Strategy(
         "rl",
-        "RLMetaOptimizer: REINFORCE policy shared by every rl trial through a Ray actor",
+        "RLMetaOptimizer: a REINFORCE policy shared by every rl trial through a Ray actor, multiplying "
+        "the --rl-base schedule's lr (default cosine) by x0.5/x1/x2 at each decision",
         lambda args, ctx: {
             "shared_policy": ctx["policy_name"],
             "update_frequency": max(1, args.eval_interval // 5),
         },
+        # The policy acts on a schedule (anchored actions): untrained it is that schedule.
+        extra_config=lambda args: {"schedule": args.rl_base},
     ),
 }
 
@@ -185,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument(
         "--policy-name", default=None, help="name of the shared RL policy actor (default: unique per run)"
+    )
+    exp.add_argument(
+        "--rl-base",
+        choices=("cosine", "linear", "constant"),
+        default="cosine",
+        help="the lr schedule the rl strategy's actions multiply (default cosine, like the cosine strategy)",
     )
     exp.add_argument("--smoke", action="store_true", help="a tiny run: few steps, for CI and a first try")
     out = parser.add_argument_group("output")

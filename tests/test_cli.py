@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ray_metaopt.cli import DEFAULT_STRATEGIES, STRATEGIES, format_table, main, parse_args
+from ray_metaopt.cli import DEFAULT_STRATEGIES, STRATEGIES, STRATEGY_KEY, build_param_space, format_table, main, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +81,14 @@ def test_defaults_and_smoke_sizes():
     smoke = parse_args(["--smoke", "--strategies", "none", "plateau,rl", "plateau"])
     assert smoke.strategy_names == ["none", "plateau", "rl"]  # comma/space separated, deduplicated
     assert (smoke.max_steps, smoke.eval_interval, smoke.num_samples) == (60, 10, 1)
+
+
+@pytest.mark.parametrize("argv, base", [([], "cosine"), (["--rl-base", "constant"], "constant")])
+def test_rl_strategy_acts_on_its_base_schedule(argv, base):
+    space = build_param_space(parse_args(argv), "policy")
+    schedule = space["schedule"].func
+    assert schedule({STRATEGY_KEY: "rl"}) == base
+    assert schedule({STRATEGY_KEY: "cosine"}) == "cosine" and schedule({STRATEGY_KEY: "none"}) == "constant"
 
 
 def test_bench_dispatches_to_the_benchmark_suite(capsys):
@@ -188,6 +196,7 @@ def test_smoke_run_prints_table_and_writes_png(tmp_path):
     assert float(rows["none"]["final_lr"]) == pytest.approx(1e-2) and int(rows["none"]["decisions"]) == 0
     assert float(rows["cosine"]["final_lr"]) < 1e-3  # the cosine schedule decayed it
     assert int(rows["rl"]["decisions"]) > 0
+    assert float(rows["rl"]["final_lr"]) < 2e-3  # its actions multiply the cosine schedule by at most 2
 
     with open(out / "results.json") as f:
         summary = json.load(f)

@@ -294,6 +294,11 @@ def analyze(
                 }
             if result.arm.family in ("rl", "rl_control") and result.arm.name != "rl_untrained":
                 result.one_time_steps = rl_train_steps
+            base = arms.get(RL_BASE_ARM)
+            if result.arm.lr_plan in ("rl", "base") and base is not None and result.headline_lr == base.headline_lr:
+                # at the base's tuned lr: the base's tuning is part of its cost
+                result.cost_trials += base.cost_trials
+                result.cost_steps += base.cost_steps
             if len(result.finals_by_lr) > 1:  # ran over the lr grid: robustness to the initial lr
                 result.robustness = robustness(
                     {lr: list(v.values()) for lr, v in result.finals_by_lr.items()}, best

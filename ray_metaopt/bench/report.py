@@ -222,9 +222,9 @@ def _describe(arm: ArmResult, reference: str) -> str:
     c = arm.vs_cosine
     if c is None or arm.summary is None:
         return ""
-    direction = "lower" if c.median_ratio < 1 else "higher" if c.median_ratio > 1 else "equal"
+    direction = "lower than" if c.median_ratio < 1 else "higher than" if c.median_ratio > 1 else "level with"
     return (
-        f"`{arm.arm.name}` ends {direction} than {reference} (median ratio ×{_num(c.median_ratio, '.3f')}, "
+        f"`{arm.arm.name}` ends {direction} {reference} (median ratio ×{_num(c.median_ratio, '.3f')}, "
         f"lower on {c.wins} of {c.n} seeds, sign test p={c.p_value:.2g})"
     )
 

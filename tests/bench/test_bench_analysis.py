@@ -228,6 +228,23 @@ def test_bad_arguments_exit_with_status_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_rl_lr_plans_follow_the_base_schedules_tuned_lr():
+    from ray_metaopt.bench.arms import ARMS_BY_NAME, RL_BASE_SCHEDULE
+
+    size = SUITE_SIZES["quick"]
+    tuned = size.lr_grid[3]
+    rl, untrained, base = (ARMS_BY_NAME[n] for n in ("rl", "rl_untrained", "rl_base"))
+    assert lrs_for(rl, "mnist1d", size, tuned) == [*size.lr_grid, tuned * 0.5, tuned * 2.0]
+    assert lrs_for(untrained, "mnist1d", size, tuned) == [tuned]
+    assert lrs_for(base, "mnist1d", size, tuned) == [tuned * 0.5, tuned * 2.0]
+    # on a grid of factor-2 steps the near lrs are grid lrs: they are not run twice
+    doubling = size.with_(lr_grid=(1e-3, 2e-3, 4e-3), default_lr_index=1)
+    assert lrs_for(base, "mnist1d", doubling, 2e-3) == []
+    assert lrs_for(rl, "mnist1d", doubling, 2e-3) == [1e-3, 2e-3, 4e-3]
+    for arm in (rl, untrained, ARMS_BY_NAME["rl_replay"]):
+        assert trial_config(arm, ArmContext("mnist1d", size, tuned, 0))["schedule"] == RL_BASE_SCHEDULE
+
+
 def test_every_arm_builds_a_valid_trial_config():
     """Each arm's config passes the trainable's own validation and builds its strategy."""
     from ray_metaopt.tune import resolve_config

@@ -123,6 +123,32 @@ def test_lr_replay_sets_each_group_to_factor_times_its_initial_lr(schedule, expe
     assert got1 == pytest.approx([2.0 * x for x in expected])  # group 1 started at lr 2
 
 
+def test_lr_replay_multiplies_an_attached_schedule_and_resumes_from_its_state():
+    """On a cosine schedule the factor multiplies the schedule's value, as the RL arm's multiplier did."""
+    total = 8
+    replay = LRReplay([[2, 2.0], [6, 0.5]], update_frequency=2)
+    wrapper, params = _wrapper(replay, lr=1.0)
+    scheduler = wrapper.attach_scheduler(torch.optim.lr_scheduler.CosineAnnealingLR(wrapper, T_max=total))
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=total)
+    got, expected = [], []
+    for step in range(total):
+        _step(wrapper, params, {"loss": 1.0}, step)
+        factor = replay.factor_at(step + 1 - (step + 1) % 2)
+        if step == 3:  # a resume mid-run decides like the uninterrupted run
+            state = replay.state_dict()
+            assert state["state"] == {"applied": [2.0]}
+            resumed = LRReplay([[2, 2.0], [6, 0.5]], update_frequency=2)
+            resumed.load_state_dict(state)
+            assert resumed.applied == replay.applied
+        got.append(wrapper.param_groups[0]["lr"])
+        expected.append(reference_opt.param_groups[0]["lr"] * factor)
+        scheduler.step()
+        reference_opt.step()
+        reference.step()
+    assert got == pytest.approx(expected)
+
+
 def test_lr_replay_reproduces_a_recorded_trajectory():
     """Record a strategy's group-0 lr changes as [from_step, factor], replay them, compare per step."""
     meta = TorchReduceLROnPlateau(update_frequency=1, patience=0, factor=0.5)

@@ -10,8 +10,8 @@ import pytest
 
 from ray_metaopt.bench import load_results, main, save_results, write_report
 from ray_metaopt.bench.analysis import analyze
-from ray_metaopt.bench.arms import SUITE_SIZES, arms_for, lrs_for
-from ray_metaopt.bench.runner import run_suite
+from ray_metaopt.bench.arms import RL_NEAR_FACTORS, SUITE_SIZES, arms_for, lrs_for
+from ray_metaopt.bench.runner import run_suite, tuned_lr
 from ray_metaopt.bench.stats import mean_lr_factors
 
 TINY = SUITE_SIZES["quick"].with_(
@@ -97,9 +97,16 @@ def test_arms_do_what_they_claim(suite):
     # the shared policy learned from the training episodes, and was saved and evaluated
     stats = run.policy_stats["teacher_student"]
     assert stats["rollouts/transitions"] > 0
-    # the replay schedule is the RL arm's geometric-mean trajectory, and the replay followed it
+    # the RL arms act on the cosine base: untrained they follow it exactly, at its tuned lr
+    base_lr = tuned_lr(run.records, "teacher_student")
+    cosine = {r.seed: r.val_loss for r in by_arm[("teacher_student", "cosine")] if r.lr == base_lr}
+    untrained = by_arm[("teacher_student", "rl_untrained")]
+    assert {r.lr for r in untrained} == {base_lr} and {r.seed: r.val_loss for r in untrained} == cosine
+    assert {r.lr for r in by_arm[("teacher_student", "rl_base")]} == {base_lr * f for f in RL_NEAR_FACTORS}
+    # the replay schedule is the RL arm's geometric-mean multiplier trajectory, and the replay followed it
     schedule = run.replay_schedules["teacher_student"]
-    rl_runs = [r for r in by_arm[("teacher_student", "rl")] if r.lr == TINY.default_lr]
+    rl_runs = [r for r in by_arm[("teacher_student", "rl")] if r.lr == base_lr]
+    assert len(rl_runs) == len(TINY.seeds)
     assert schedule == mean_lr_factors([[tuple(c) for c in r.lr_changes] for r in rl_runs])
     expected = schedule[1:] if schedule and schedule[0][1] == 1.0 else schedule  # a leading x1 changes nothing
     for r in by_arm[("teacher_student", "rl_replay")]:
