@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="shared/local round pairs (default 8; quick 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per trial run (default 3000; quick 300)")
     p.add_argument("--reps", type=int, default=None, help="raw/wrapped block pairs (default 30; quick 6)")
+    p.add_argument(
+        "--sizes", default=None, help="overhead part: hiddenxbatch models, comma-separated (default 128x64,512x128)"
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -443,7 +446,15 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             p.error("--device cuda: CUDA is not available")
-        sizes = [(128, 64)] if q else [(128, 64), (512, 128)]
+        if args.sizes:
+            try:
+                sizes = [tuple(int(x) for x in item.split("x")) for item in args.sizes.split(",")]
+            except ValueError:
+                p.error(f"--sizes must look like 128x64,512x128, got --sizes {args.sizes}")
+            if any(len(size) != 2 or min(size) < 1 for size in sizes):
+                p.error(f"--sizes must look like 128x64,512x128, got --sizes {args.sizes}")
+        else:
+            sizes = [(128, 64)] if q else [(128, 64), (512, 128)]
         rows = bench_overhead(device, reps=args.reps or (6 if q else 30), block=20 if q else 50, sizes=sizes)
         results["overhead"] = rows
         for row in rows:
