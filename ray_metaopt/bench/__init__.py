@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster to run on ('auto', 'host:6379'); default: start a local Ray. On several nodes, pass a "
         "--storage-path every node can read (the trained policy is saved there).",
     )
+    parser.add_argument(
+        "--rl-reward", choices=("own", "paired"), default=None,
+        help="RL training reward: 'own' (the episode's log-loss drops) or 'paired' (against its base schedule "
+        "run first at the same seed: twice the training steps); default: the size's",
+    )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     parser.add_argument(
@@ -106,6 +111,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
         size = size.with_(seeds=tuple(range(args.seeds)))
+    if args.rl_reward is not None:
+        size = size.with_(rl_paired_reference=args.rl_reward == "paired")
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
         parser.error(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {args.cpus_per_trial}, {args.gpus_per_trial}")
     if args.num_cpus is not None and args.address is not None:

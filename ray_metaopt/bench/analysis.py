@@ -280,6 +280,8 @@ def analyze(
         target = reference.summary.median if reference is not None and reference.summary else math.nan
         fixed = arms.get("fixed")
         rl_train_steps = sum(r.executed for r in _select(records, task, "rl_train"))
+        if size.rl_paired_reference:  # each episode first ran its reference
+            rl_train_steps *= 2
         for result in arms.values():
             if reference is not None and result is not reference:
                 result.vs_cosine = paired_comparison(result.finals, reference.finals)

@@ -84,6 +84,9 @@ class SuiteSize:
         rl_tasks: tasks the RL policy is trained and evaluated on.
         rl_train_seeds: seeds of the training episodes; each runs at every lr of the grid.
         rl_update_every: steps between RL decisions.
+        rl_paired_reference: the training episodes run with ``paired_reference=True`` (each trial
+            first runs its base schedule at the same seed; the reward is measured against it;
+            twice the training steps, counted in the RL arms' one-time cost).
         moe_tasks: tasks that get the MoE arms (router treatments, expert/gate strategies).
         plateau_patience: patience in evaluations of torch's ReduceLROnPlateau and of the
             plateau strategies (``None``: 10% of the evaluations, torch's 10 epochs of a
@@ -108,6 +111,7 @@ class SuiteSize:
     rl_train_seeds: tuple[int, ...]
     rl_update_every: int
     moe_tasks: tuple[str, ...] = ("moe",)
+    rl_paired_reference: bool = False
     pbt_seeds: tuple[int, ...] | None = None
     plateau_patience: int | None = None
     gpus_per_trial: float = 0.0

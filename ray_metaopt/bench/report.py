@@ -486,7 +486,14 @@ def render_report(
         f"- RL (on {list(size.rl_tasks)}): `RLMetaOptimizer` deciding every {size.rl_update_every} steps with "
         f"policy {RL_POLICY}, acting on the `{RL_BASE_SCHEDULE}` schedule (the `{RL_BASE_ARM}` arm without a "
         "policy: each action multiplies what that schedule gives at the step); trained through one shared policy "
-        f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × every grid lr, then evaluated frozen "
+        f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × every grid lr"
+        + (
+            " (reward against a paired reference: each training trial first runs the base schedule at its seed "
+            "and lr, `paired_reference=True`)"
+            if size.rl_paired_reference
+            else " (reward: the episode's own log-loss drops)"
+        )
+        + ", then evaluated frozen "
         "(the mean readout of its action distribution: keep moved by what it learned) on the evaluation seeds, at "
         f"every grid lr and at {' and '.join(f'{f:g}x' for f in RL_NEAR_FACTORS)} the base's tuned lr (where the "
         "base runs too, as `rl_base`), and reported at the base's tuned lr. Controls at that lr: untrained policy "

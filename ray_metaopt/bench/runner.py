@@ -314,6 +314,7 @@ class Runner:
                 for lr in self.size.lr_grid:
                     config = trial_config(_TRAIN_ARM, ArmContext(task, self.size, lr, seed), phase="rl_train")
                     config["meta_config"] = {**config["meta_config"], "shared_policy": policy_name}
+                    config["paired_reference"] = self.size.rl_paired_reference
                     configs.append(config)
         for task in self.size.tasks:
             for arm in arms_for(task, self.size):

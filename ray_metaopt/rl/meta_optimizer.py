@@ -19,7 +19,7 @@ from .features import FeatureExtractor
 from .persistence import load_policy, policy_state_from_learner
 from .policy import PolicyConfig, argmax, sample_index, signature_mismatch, uniform
 from .reinforce import Learner, single_threaded
-from .rewards import final_term, interval_reward
+from .rewards import REFERENCE_LOSS, REFERENCE_VAL_LOSS, final_term, interval_reward
 from .rollout import finalize
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
@@ -120,6 +120,11 @@ class RLMetaOptimizer(MetaOptimizer):
     times the cost (``cost_metric``), plus, at the end of the run, ``val_weight`` times the
     log-improvement of ``val_loss`` when one was reported. Returns discount later rewards by
     ``gamma``; the update uses a baseline and an entropy bonus (:mod:`~ray_metaopt.rl.reinforce`).
+
+    Paired reference: when the metrics also carry ``reference_loss`` (and, at evaluations,
+    ``reference_val_loss``), the losses of a run with the same seed and initial lr on the base
+    schedule alone, each reward is measured against the reference's over the same steps
+    (:mod:`~ray_metaopt.rl.rewards`). The trainable provides them with ``paired_reference=True``.
 
     Learning happens in this process (``shared_policy=None``) or in a shared
     :class:`~ray_metaopt.rl.PolicyActor` that every trial of an experiment feeds
@@ -236,6 +241,7 @@ class RLMetaOptimizer(MetaOptimizer):
         "loss_ema",
         "decision_index",
         "episode_done",
+        "reference",
         "counters",
         "learner_state",
     )
@@ -432,6 +438,8 @@ class RLMetaOptimizer(MetaOptimizer):
         self.scales: list[float] = []  # schedule mode: per-group multiplier on the base schedule
         self.multipliers: list[float] = []  # anchored mode: per-group multiplier now applied to the base
         self.loss_ema: float | None = None  # circuit breaker's running loss level
+        # The paired reference's log-loss at the latest decision and its latest val_loss (None: not reported).
+        self.reference: dict[str, float | None] = {"log_loss": None, "val_loss": None}
         self.decision_index = 0
         self.episode_done = False
         self.counters = {
@@ -571,6 +579,11 @@ class RLMetaOptimizer(MetaOptimizer):
         """Update the features; give the last action its reward. Returns whether it got one."""
         prev_log_loss, prev_step = self.features["log_loss"], self.features["step"]
         self._features.observe(self.features, metrics, step)
+        prev_ref = self.reference["log_loss"]
+        ref_loss = metrics.get(REFERENCE_LOSS)
+        self.reference["log_loss"] = None if ref_loss is None else self._features.log_loss(float(ref_loss))
+        if metrics.get(REFERENCE_VAL_LOSS) is not None and "val_loss" in metrics:
+            self.reference["val_loss"] = float(metrics[REFERENCE_VAL_LOSS])
         if (
             not self.pending
             or self.pending[-1]["reward"] is not None
@@ -588,6 +601,7 @@ class RLMetaOptimizer(MetaOptimizer):
             cost=cost,
             cost_weight=self.cost_weight,
             reward_clip=self.reward_clip,
+            reference=None if prev_ref is None or self.reference["log_loss"] is None else (prev_ref, self.reference["log_loss"]),
         )
         if penalty:
             reward = -self.breaker_penalty
@@ -598,12 +612,16 @@ class RLMetaOptimizer(MetaOptimizer):
         return True
 
     def _final_term(self) -> float:
-        """``val_weight`` x the log-improvement of ``val_loss`` over the run (0 without one)."""
+        """``val_weight`` x the log-improvement of ``val_loss`` over the run, or over the paired
+        reference's when one is reported (0 without a ``val_loss``)."""
         val, val0 = self.features["val_loss"], self.features["val0"]
         if val is None or val0 is None:
             return 0.0
         log_loss = self._features.log_loss
-        return final_term(log_loss(val0), log_loss(val), self.val_weight, self.reward_clip)
+        ref = self.reference["val_loss"]
+        return final_term(
+            log_loss(val0), log_loss(val), self.val_weight, self.reward_clip, None if ref is None else log_loss(ref)
+        )
 
     def _end_episode(self, *, final_term_given: bool) -> None:
         """Returns of every pending decision (with the final term), and a last learn/send."""

@@ -399,6 +399,12 @@ class TrialConfig:
         device: ``"auto"`` (CUDA when the trial has a GPU), ``"cpu"`` or ``"cuda"``.
         schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` lr schedule under the strategy.
         schedule_config: ``warmup_steps``, ``final_factor`` of the schedule.
+        paired_reference: first train the same trial with ``meta="none"`` (same seed, batches,
+            optimizer and schedule) and give the strategy that run's training loss at every step
+            and its ``val_loss`` at every evaluation as the metrics ``reference_loss`` and
+            ``reference_val_loss``: the RL reward then compares against the base schedule at
+            the same noise (:mod:`ray_metaopt.rl.rewards`). Doubles the trial's compute; for
+            policy-training episodes, not for evaluation.
     """
 
     task: Any
@@ -417,6 +423,7 @@ class TrialConfig:
     device: str = "auto"
     schedule: str = "constant"
     schedule_config: dict = field(default_factory=dict)
+    paired_reference: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -476,6 +483,8 @@ def resolve_config(config: Mapping[str, Any]) -> TrialConfig:
     check_int("checkpoint_interval", resolved.checkpoint_interval, minimum=0)
     if resolved.grad_clip is not None:
         check_range("grad_clip", resolved.grad_clip, 0.0, math.inf, low_open=True)
+    if not isinstance(resolved.paired_reference, bool):
+        raise TypeError(f"paired_reference must be a bool, got paired_reference={resolved.paired_reference!r}")
     check_choice("metric_reduction", resolved.metric_reduction, REDUCTIONS)
     check_choice("device", resolved.device, ("auto", "cpu", "cuda"))
     check_choice("schedule", resolved.schedule, SCHEDULES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 import time
@@ -10,6 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from ..rl.rewards import REFERENCE_LOSS, REFERENCE_VAL_LOSS
 from ..wrapper import OptimizerWrapper
 from .builders import (
     TrialConfig,
@@ -63,6 +65,9 @@ class TrainingRun:
     def __init__(self, config: Mapping[str, Any] | TrialConfig) -> None:
         self.config = config if isinstance(config, TrialConfig) else resolve_config(config)
         c = self.config
+        # Before this run seeds anything: the reference seeds the same streams itself.
+        self.reference = paired_reference(c) if c.paired_reference else None
+        self.loss_trace: list[float] | None = None  # per-step training losses, when a list
         self.task_name, self.task = make_task(c.task, c.task_config, seed=c.seed, device=c.device)
         self.device = self.task.device
         torch.manual_seed(c.seed)  # the global stream (dropout) of this trial
@@ -261,6 +266,10 @@ class TrainingRun:
                 "step_time": time.perf_counter() - started,
                 **out.metrics,
             }
+            if self.loss_trace is not None:
+                self.loss_trace.append(float(loss))
+            if self.reference is not None and self.step <= len(self.reference["loss"]):
+                metrics[REFERENCE_LOSS] = self.reference["loss"][self.step - 1]
             is_eval = self.step % c.eval_interval == 0 or self.step == c.max_steps
             if not is_eval:
                 self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
@@ -275,6 +284,8 @@ class TrainingRun:
                 report(last, None)
                 return last
             metrics["val_loss"] = evaluation["val_loss"]
+            if self.reference is not None and self.step in self.reference["val_loss"]:
+                metrics[REFERENCE_VAL_LOSS] = self.reference["val_loss"][self.step]
             self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
             evaluations += 1
             last = self._result(train_loss, evaluation, diverged=False)
@@ -295,6 +306,27 @@ class TrainingRun:
         finish = getattr(self.wrapper.meta_optimizer, "finish", None)
         if callable(finish):  # RL: end the episode and let the last rollouts reach a shared policy
             finish()
+
+
+def paired_reference(config: TrialConfig) -> dict[str, Any]:
+    """Train ``config`` with ``meta="none"`` (same seed, batches, optimizer, schedule) and return
+    its training loss at every step (``"loss"``, index = step) and its ``val_loss`` by
+    evaluation step (``"val_loss"``): what ``paired_reference=True`` gives the strategy.
+    A reference that diverges ends its curves there (later steps get no reference)."""
+    run = TrainingRun(
+        dataclasses.replace(config, meta="none", meta_config={}, paired_reference=False, checkpoint_interval=0)
+    )
+    run.loss_trace = []
+    val_loss: dict[int, float] = {}
+
+    def keep(result: dict, checkpoint_dir: str | None) -> None:
+        if not result.get("diverged") and math.isfinite(result["val_loss"]):
+            val_loss[int(result["step"])] = float(result["val_loss"])
+
+    run.train(keep)
+    losses = run.loss_trace
+    bad = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+    return {"loss": losses if bad is None else losses[:bad], "val_loss": val_loss}
 
 
 def _report_to_tune(result: dict, checkpoint_dir: str | None) -> None:

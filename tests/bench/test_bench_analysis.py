@@ -161,6 +161,18 @@ def test_rl_counts_its_training_episodes_and_learning_curve(result):
     assert (vs_base[2e-2].wins, vs_base[2e-2].losses) == (0, 3)
 
 
+def test_paired_reference_training_counts_each_episodes_reference_run():
+    paired = analyze(_records(), SIZE.with_(rl_paired_reference=True))["teacher_student"]
+    assert paired.arms["rl"].one_time_steps == 160  # two episodes of 40 steps, each after its 40-step reference
+
+
+def test_rl_reward_flag_sets_the_sizes_paired_reference():
+    from ray_metaopt.bench import _parse
+
+    assert _parse(["--quick", "--rl-reward", "paired"])[1].rl_paired_reference is True
+    assert _parse(["--quick", "--rl-reward", "own"])[1].rl_paired_reference is False
+
+
 def test_findings_state_winners_and_losers(result):
     text = "\n".join(findings(result))
     assert "Lowest median final validation loss: `plateau_tuned` (0.29)" in text

@@ -269,6 +269,32 @@ def test_benchmark_scores_episodes_with_the_policys_own_reward_code():
     assert got[0] == 0.3 and interval_reward(0.0, 1.0, 10, 10, reward_clip=0.3) == -0.3
 
 
+def test_paired_reference_rewards_are_measured_against_the_reference():
+    """With reference_loss / reference_val_loss in the metrics each reward subtracts the
+    reference's log-loss drop over the same steps and the final term compares val_loss with the
+    reference's; rewards.episode_rewards computes the same numbers."""
+    meta = RLMetaOptimizer(update_frequency=10, seed=0, gamma=0.0, return_horizon=1, batch_size=1000,
+                           wd_actions=None, breaker_factor=None)
+    losses = [1.0, 0.5, 0.45, 0.6, 0.3]
+    refs = [1.0, 0.6, 0.5, 0.5, 0.4]
+    steps = [9, 19, 29, 39, 49]
+    group = [GroupState(0, "", "", 0.01, None, 0.01, None, 2)]
+    for s, loss, ref in zip(steps, losses, refs):
+        meta.update_hparams({"loss": loss, "reference_loss": ref}, s, group)
+    got = [t["ret"] for t in meta.ready]
+    log = [math.log(x) for x in losses]
+    ref_log = [math.log(x) for x in refs]
+    assert got == pytest.approx([(log[k - 1] - log[k]) - (ref_log[k - 1] - ref_log[k]) for k in range(1, 5)], rel=1e-12)
+    assert got == pytest.approx(episode_rewards(log, steps, 10, reference_log_losses=ref_log), rel=1e-12)
+    assert got[0] != pytest.approx(episode_rewards(log, steps, 10)[0])
+    # the final term: log(0.5 / 0.25) against the reference, not log(val0 / val)
+    meta2 = RLMetaOptimizer(update_frequency=10, seed=0, gamma=0.0, return_horizon=1, batch_size=1000,
+                            wd_actions=None, breaker_factor=None, total_steps=20)
+    for s, loss, ref, val, ref_val in ((9, 1.0, 1.0, 0.8, 0.8), (19, 0.5, 0.5, 0.25, 0.5)):
+        meta2.update_hparams({"loss": loss, "reference_loss": ref, "val_loss": val, "reference_val_loss": ref_val}, s, group)
+    assert [t["ret"] for t in meta2.ready] == pytest.approx([math.log(2.0)], rel=1e-12)
+
+
 def prefer(meta, probs):
     """Make the policy's lr head give these probabilities whatever the state."""
     net = meta.learner.network

@@ -136,6 +136,7 @@ def _without_timing(result):
             ValueError,
             r"metric_reduction must be one of \['last', 'mean'\]",
         ),
+        ({"task": "moe", "paired_reference": "yes"}, TypeError, "paired_reference must be a bool, got paired_reference='yes'"),
     ],
 )
 def test_resolve_config_rejects(config, error, match):
@@ -619,3 +620,29 @@ def test_tuner_restore_completes_an_interrupted_experiment(ray_session, tmp_path
     assert frame["step"].tolist() == [10, 20, 30, 40, 50, 60]
     assert frame["val_loss"].tolist() == [r["val_loss"] for r in reference]
     assert frame["lr"].tolist() == [r["lr"] for r in reference]
+
+
+def _rl_rewards_seen(config):
+    """Train; at every report, the rewards the RL strategy has given so far (its pending decisions)."""
+    run = TrainingRun(config)
+    seen = []
+    run.train(lambda result, d: seen.extend(t["reward"] for t in run.wrapper.meta_optimizer.pending if t["reward"] is not None))
+    return run, seen
+
+
+def test_paired_reference_is_the_base_run_and_a_keep_policy_earns_exactly_zero():
+    """paired_reference=True gives the strategy a meta='none' run's losses at the same noise: a
+    policy that (almost surely) keeps the base lr then earns reward 0 at every interval, where
+    without the reference it earns the raw, noisy log-loss drops."""
+    base = _config(meta="none", meta_config={}, schedule="cosine", max_steps=100)
+    none_run = TrainingRun(base)
+    finals = []
+    none_run.train(lambda result, d: finals.append(result["val_loss"]))
+    rl = {**base, "meta": "rl", "meta_config": {"update_frequency": 10, "initial_keep_prob": 1 - 1e-9,
+                                                   "wd_actions": None, "return_horizon": 50}}
+    run, rewards = _rl_rewards_seen({**rl, "paired_reference": True})
+    assert run.reference["val_loss"][100] == finals[-1]
+    assert len(run.reference["loss"]) == 100
+    assert rewards and all(r == 0.0 for r in rewards)
+    _, unpaired = _rl_rewards_seen(rl)
+    assert len(unpaired) == len(rewards) and any(abs(r) > 1e-3 for r in unpaired)
