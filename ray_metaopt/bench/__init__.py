@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="RL training reward: 'own' (the episode's log-loss drops) or 'paired' (against its base schedule "
         "run first at the same seed: twice the training steps); default: the size's",
     )
+    parser.add_argument(
+        "--rl-policy", nargs="+", default=None, metavar="KEY=VALUE",
+        help="override the RL arms' policy settings (RLMetaOptimizer arguments), e.g. gamma=1.0 return_horizon=100",
+    )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
     parser.add_argument(
@@ -96,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-only", default=None, metavar="RESULTS_JSON", help="rewrite the report and plots from a results.json")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     return parser
+
+
+def _policy_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (values as Python literals) naming ``RLMetaOptimizer`` arguments."""
+    import ast
+    import inspect
+
+    from ..rl import RLMetaOptimizer
+
+    accepted = set(inspect.signature(RLMetaOptimizer).parameters)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in accepted:
+            parser.error(f"--rl-policy takes KEY=VALUE with KEY an RLMetaOptimizer argument, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
@@ -111,6 +135,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
         size = size.with_(seeds=tuple(range(args.seeds)))
+    if args.rl_policy is not None:
+        size = size.with_(rl_policy={**size.rl_policy, **_policy_overrides(parser, args.rl_policy)})
     if args.rl_reward is not None:
         size = size.with_(rl_paired_reference=args.rl_reward == "paired")
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):

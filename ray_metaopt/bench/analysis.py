@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
-from .arms import ARMS_BY_NAME, RL_BASE_ARM, RL_POLICY, Arm, SuiteSize, arms_for, pbt_arm
+from .arms import ARMS_BY_NAME, RL_BASE_ARM, Arm, SuiteSize, arms_for, pbt_arm
 from .runner import TrialRecord, tuned_lr
 from .stats import (
     PairedComparison,
@@ -205,7 +205,7 @@ def _rl_result(
     episodes = sorted(_select(records, task, "rl_train"), key=lambda r: r.order)
     if not episodes:
         return None
-    val_weight = float(RL_POLICY.get("val_weight", 1.0))
+    val_weight = float(size.policy().get("val_weight", 1.0))
     returns = [
         episode_return(e.train_loss, e.val_loss, val_weight) if e.train_loss and e.val_loss else -math.inf
         for e in episodes

@@ -87,6 +87,8 @@ class SuiteSize:
         rl_paired_reference: the training episodes run with ``paired_reference=True`` (each trial
             first runs its base schedule at the same seed; the reward is measured against it;
             twice the training steps, counted in the RL arms' one-time cost).
+        rl_policy: overrides of :data:`RL_POLICY` (any ``RLMetaOptimizer`` argument), e.g.
+            ``{"gamma": 1.0}``; :meth:`policy` is the policy the RL arms use.
         moe_tasks: tasks that get the MoE arms (router treatments, expert/gate strategies).
         plateau_patience: patience in evaluations of torch's ReduceLROnPlateau and of the
             plateau strategies (``None``: 10% of the evaluations, torch's 10 epochs of a
@@ -112,6 +114,7 @@ class SuiteSize:
     rl_update_every: int
     moe_tasks: tuple[str, ...] = ("moe",)
     rl_paired_reference: bool = False
+    rl_policy: Mapping[str, Any] = field(default_factory=dict)
     pbt_seeds: tuple[int, ...] | None = None
     plateau_patience: int | None = None
     gpus_per_trial: float = 0.0
@@ -143,6 +146,10 @@ class SuiteSize:
         if self.plateau_patience is not None:
             return self.plateau_patience
         return max(1, round(0.1 * self.evaluations(task)))
+
+    def policy(self) -> dict[str, Any]:
+        """The RL arms' policy settings: :data:`RL_POLICY` with this size's ``rl_policy`` overrides."""
+        return {**RL_POLICY, **self.rl_policy}
 
     def with_(self, **changes: Any) -> SuiteSize:
         return replace(self, **changes)
@@ -265,7 +272,7 @@ def _plateau_config(ctx: ArmContext) -> dict[str, Any]:
 
 
 def _rl_config(ctx: ArmContext, **extra: Any) -> dict[str, Any]:
-    return {**RL_POLICY, "update_frequency": ctx.size.rl_update_every, **extra}
+    return {**ctx.size.policy(), "update_frequency": ctx.size.rl_update_every, **extra}
 
 
 def rl_arm_config(ctx: ArmContext, meta: str = "rl", **extra: Any) -> dict[str, Any]:

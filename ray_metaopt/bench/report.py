@@ -16,7 +16,7 @@ import platform
 from typing import Any, Mapping, Sequence
 
 from .analysis import REFERENCE_ARM, ArmResult, TaskResult
-from .arms import RL_BASE_ARM, RL_BASE_SCHEDULE, RL_NEAR_FACTORS, RL_POLICY, SuiteSize, arms_for, skipped_arms
+from .arms import RL_BASE_ARM, RL_BASE_SCHEDULE, RL_NEAR_FACTORS, SuiteSize, arms_for, skipped_arms
 from .stats import paired_comparison
 
 
@@ -484,7 +484,7 @@ def render_report(
     )
     lines.append(
         f"- RL (on {list(size.rl_tasks)}): `RLMetaOptimizer` deciding every {size.rl_update_every} steps with "
-        f"policy {RL_POLICY}, acting on the `{RL_BASE_SCHEDULE}` schedule (the `{RL_BASE_ARM}` arm without a "
+        f"policy {size.policy()}, acting on the `{RL_BASE_SCHEDULE}` schedule (the `{RL_BASE_ARM}` arm without a "
         "policy: each action multiplies what that schedule gives at the step); trained through one shared policy "
         f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × every grid lr"
         + (

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from .arms import RL_BASE_ARM, RL_POLICY, Arm, ArmContext, SuiteSize, arms_for, lrs_for, rl_arm_config, trial_config
+from .arms import RL_BASE_ARM, Arm, ArmContext, SuiteSize, arms_for, lrs_for, rl_arm_config, trial_config
 from .stats import best_setting, executed_steps, mean_lr_factors
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class Runner:
             policy_name = f"bench_{task}_{uuid.uuid4().hex[:8]}"
             callbacks[task] = MetaOptCallback(
                 policy_name=policy_name,
-                policy_config={**RL_POLICY, "seed": 0},
+                policy_config={**_policy_part(self.size.policy()), "seed": 0},
                 policy_save_path=_join(self.storage_path, f"policy_{task}.pt"),
                 stats_interval_s=2.0,
                 write_interval_s=3600.0,
@@ -418,6 +418,17 @@ class Runner:
                         cpus=cpus,
                     )
         return out
+
+
+def _policy_part(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings the shared actor owns (:class:`~ray_metaopt.rl.PolicyConfig` fields); the
+    rest (``val_weight``, ``reward_clip``, ...) act in the trials only."""
+    from dataclasses import fields
+
+    from ..rl.policy import PolicyConfig
+
+    names = {f.name for f in fields(PolicyConfig)}
+    return {k: v for k, v in settings.items() if k in names}
 
 
 def _join(base: str, name: str) -> str:

@@ -173,6 +173,17 @@ def test_rl_reward_flag_sets_the_sizes_paired_reference():
     assert _parse(["--quick", "--rl-reward", "own"])[1].rl_paired_reference is False
 
 
+def test_rl_policy_flag_overrides_the_policy_of_every_rl_arm():
+    from ray_metaopt.bench import _parse
+    from ray_metaopt.bench.arms import RL_POLICY, ArmContext, rl_arm_config
+
+    size = _parse(["--quick", "--rl-policy", "gamma=1.0", "return_horizon=100"])[1]
+    assert size.policy() == {**RL_POLICY, "gamma": 1.0, "return_horizon": 100}
+    config = rl_arm_config(ArmContext("teacher_student", size, 1e-2, 0))
+    assert config["meta_config"]["gamma"] == 1.0 and config["meta_config"]["return_horizon"] == 100
+    assert size_from_dict(size_to_dict(size)).policy() == size.policy()
+
+
 def test_findings_state_winners_and_losers(result):
     text = "\n".join(findings(result))
     assert "Lowest median final validation loss: `plateau_tuned` (0.29)" in text
@@ -231,6 +242,7 @@ def test_results_json_round_trip_and_report_only(tmp_path):
         (["--quick", "--seeds", "0"], "--seeds must be >= 1"),
         (["--quick", "--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
         (["--num-cpus", "2", "--address", "auto"], "cannot be used with --address"),
+        (["--quick", "--rl-policy", "gama=1"], "--rl-policy takes KEY=VALUE with KEY an RLMetaOptimizer argument, got 'gama=1'"),
     ],
 )
 def test_bad_arguments_exit_with_status_2(argv, message, capsys):
