@@ -26,6 +26,7 @@ SIZE = SUITE_SIZES["quick"].with_(
     pbt_populations=(2,),
     rl_tasks=("teacher_student",),
     rl_train_seeds=(100,),
+    rl_paired_reference=False,
 )
 
 # (arm, lr, seed) -> (val loss at step 20, val loss at step 40); None: diverged at step 20
