@@ -404,7 +404,9 @@ class TrialConfig:
             and its ``val_loss`` at every evaluation as the metrics ``reference_loss`` and
             ``reference_val_loss``: the RL reward then compares against the base schedule at
             the same noise (:mod:`ray_metaopt.rl.rewards`). Doubles the trial's compute; for
-            policy-training episodes, not for evaluation.
+            policy-training episodes, not for evaluation. A restored trial recomputes its
+            reference from its config (deterministic on the CPU), so under PBT, whose exploits
+            change the config mid-run, the reference no longer pairs with the trial's history.
     """
 
     task: Any
