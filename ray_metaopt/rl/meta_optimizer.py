@@ -593,6 +593,7 @@ class RLMetaOptimizer(MetaOptimizer):
             return False
         # Per step, in units of update_frequency steps: adaptive intervals stay comparable.
         cost = 1.0 if self.cost_metric == "steps" else metrics.get(self.cost_metric)
+        ref_now = self.reference["log_loss"]
         reward = interval_reward(
             prev_log_loss,
             self.features["log_loss"],
@@ -601,7 +602,7 @@ class RLMetaOptimizer(MetaOptimizer):
             cost=cost,
             cost_weight=self.cost_weight,
             reward_clip=self.reward_clip,
-            reference=None if prev_ref is None or self.reference["log_loss"] is None else (prev_ref, self.reference["log_loss"]),
+            reference=None if prev_ref is None or ref_now is None else (prev_ref, ref_now),
         )
         if penalty:
             reward = -self.breaker_penalty
