@@ -423,11 +423,9 @@ class Runner:
 def _policy_part(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The settings the shared actor owns (:class:`~ray_metaopt.rl.PolicyConfig` fields); the
     rest (``val_weight``, ``reward_clip``, ...) act in the trials only."""
-    from dataclasses import fields
-
     from ..rl.policy import PolicyConfig
 
-    names = {f.name for f in fields(PolicyConfig)}
+    names = PolicyConfig.field_names()
     return {k: v for k, v in settings.items() if k in names}
 
 

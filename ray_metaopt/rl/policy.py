@@ -176,10 +176,15 @@ class PolicyConfig:
         return d
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        """The keys :meth:`from_dict` accepts (what the shared actor owns)."""
+        return {f.name for f in fields(cls) if f.init}
+
+    @classmethod
     def from_dict(cls, config: Mapping[str, Any] | None) -> PolicyConfig:
         """Build from a dict of :class:`PolicyConfig` fields; unknown keys are an error."""
         config = dict(config or {})
-        known = {f.name for f in fields(cls) if f.init}
+        known = cls.field_names()
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"policy_config has unknown keys {unknown}; known keys are {sorted(known)}")

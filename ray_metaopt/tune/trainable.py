@@ -67,7 +67,7 @@ class TrainingRun:
         c = self.config
         # Before this run seeds anything: the reference seeds the same streams itself.
         self.reference = paired_reference(c) if c.paired_reference else None
-        self.loss_trace: list[float] | None = None  # per-step training losses, when a list
+        self.loss_trace: list[torch.Tensor] | None = None  # per-step training losses, when a list
         self.task_name, self.task = make_task(c.task, c.task_config, seed=c.seed, device=c.device)
         self.device = self.task.device
         torch.manual_seed(c.seed)  # the global stream (dropout) of this trial
@@ -267,7 +267,7 @@ class TrainingRun:
                 **out.metrics,
             }
             if self.loss_trace is not None:
-                self.loss_trace.append(float(loss))
+                self.loss_trace.append(loss)  # read once at the end: no host sync per step
             if self.reference is not None and self.step <= len(self.reference["loss"]):
                 metrics[REFERENCE_LOSS] = self.reference["loss"][self.step - 1]
             is_eval = self.step % c.eval_interval == 0 or self.step == c.max_steps
@@ -312,7 +312,19 @@ def paired_reference(config: TrialConfig) -> dict[str, Any]:
     """Train ``config`` with ``meta="none"`` (same seed, batches, optimizer, schedule) and return
     its training loss at every step (``"loss"``, index = step) and its ``val_loss`` by
     evaluation step (``"val_loss"``): what ``paired_reference=True`` gives the strategy.
-    A reference that diverges ends its curves there (later steps get no reference)."""
+    A reference that diverges ends its curves there (later steps get no reference).
+
+    The reference follows the trial's own ``schedule``; an RL ``base_schedule`` in
+    ``meta_config`` would be a different base, so it is refused."""
+    base = config.meta_config.get("base_schedule")
+    if base is not None:
+        raise ValueError(
+            "paired_reference=True pairs the trial with its own `schedule`, so the strategy must anchor "
+            f"on it: got meta_config base_schedule={base!r}; use schedule={base!r} with base_schedule=None"
+            if isinstance(base, str)
+            else f"paired_reference=True pairs the trial with its own `schedule`; got meta_config "
+            f"base_schedule={base!r}, use base_schedule=None"
+        )
     run = TrainingRun(
         dataclasses.replace(config, meta="none", meta_config={}, paired_reference=False, checkpoint_interval=0)
     )
@@ -324,7 +336,7 @@ def paired_reference(config: TrialConfig) -> dict[str, Any]:
             val_loss[int(result["step"])] = float(result["val_loss"])
 
     run.train(keep)
-    losses = run.loss_trace
+    losses = torch.stack(run.loss_trace).tolist() if run.loss_trace else []
     bad = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
     return {"loss": losses if bad is None else losses[:bad], "val_loss": val_loss}
 

@@ -646,3 +646,9 @@ def test_paired_reference_is_the_base_run_and_a_keep_policy_earns_exactly_zero()
     assert rewards and all(r == 0.0 for r in rewards)
     _, unpaired = _rl_rewards_seen(rl)
     assert len(unpaired) == len(rewards) and any(abs(r) > 1e-3 for r in unpaired)
+
+
+def test_paired_reference_refuses_a_base_schedule_other_than_the_trials_own():
+    config = _config(meta="rl", meta_config={"update_frequency": 10, "base_schedule": "cosine"}, paired_reference=True)
+    with pytest.raises(ValueError, match="got meta_config base_schedule='cosine'; use schedule='cosine' with base_schedule=None"):
+        TrainingRun(config)
