@@ -7,6 +7,7 @@ from .frequency import AdaptiveFrequency
 from .history import Decision, SkippedDecision
 from .moe import TinyMoE, moe_param_groups, routing_metrics
 from .plateau import AdvancedPlateauMetaOptimizer, PlateauMetaOptimizer
+from .registry import StrategySpec, register_strategy
 from .rl import RLMetaOptimizer
 from .wrapper import OptimizerWrapper
 
@@ -24,8 +25,10 @@ __all__ = [
     "RLMetaOptimizer",
     "SkippedDecision",
     "SmartExpertGateMetaOptimizer",
+    "StrategySpec",
     "TinyMoE",
     "moe_param_groups",
+    "register_strategy",
     "routing_metrics",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -25,8 +26,10 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .registry import PresetContext, StrategySpec, preset_strategies, strategy_spec
 
 TASKS = ("teacher_student", "moe", "digits", "sequence", "charlm", "mnist1d", "digits_cnn")
 DEFAULT_STRATEGIES = ("none", "cosine", "plateau", "advanced_plateau", "rl")
@@ -34,86 +37,53 @@ DEFAULT_STRATEGIES = ("none", "cosine", "plateau", "advanced_plateau", "rl")
 
 @dataclass(frozen=True)
 class Strategy:
-    """One CLI strategy: the provided trainable's ``meta`` name and ``meta_config`` builder."""
+    """One CLI strategy: its name, help line, the trainable config part it runs with, its tasks.
 
-    meta: str
+    ``config(args, policy_name)`` returns ``meta``, ``meta_config`` and any top-level keys (an lr
+    schedule for a baseline, ``metric_reduction``...).
+    """
+
+    name: str
     help: str
-    meta_config: Callable[[argparse.Namespace, dict[str, Any]], dict[str, Any]] = field(
-        default=lambda args, ctx: {}
-    )
-    # Extra top-level trainable config (e.g. an lr schedule for a baseline).
-    extra_config: Callable[[argparse.Namespace], dict[str, Any]] = field(default=lambda args: {})
+    config: Callable[[argparse.Namespace, str], dict[str, Any]]
     tasks: tuple[str, ...] | None = None  # tasks it makes sense on (None: all)
 
 
-def _per_eval(args: argparse.Namespace) -> dict[str, Any]:
-    # Heuristic strategies decide once per evaluation, on the validation loss: the provided
-    # trainable passes ``val_loss`` to the meta-optimizer at evaluation steps, and a decision
-    # every ``eval_interval`` steps falls on exactly those steps. Patience counts evaluations.
-    return {"monitor": "val_loss", "update_frequency": args.eval_interval}
-
-
-STRATEGIES: dict[str, Strategy] = {
-    "none": Strategy("none", "the optimizer alone (constant lr): the baseline"),
-    "cosine": Strategy(
-        "none",
-        "no meta-optimizer, a cosine lr schedule to zero: the schedule baseline",
-        extra_config=lambda args: {"schedule": "cosine"},
-    ),
-    "plateau": Strategy(
-        "plateau",
-        "PlateauMetaOptimizer: cut lr when val_loss plateaus",
-        lambda args, ctx: {"patience": 2, "lr_factor": 0.5, "threshold": 1e-3, **_per_eval(args)},
-    ),
-    "advanced_plateau": Strategy(
-        "advanced_plateau",
-        "AdvancedPlateauMetaOptimizer: plateau + loss trend + warmup + overfitting gap",
-        # Warmup decides at every step, where there is no val_loss: this one monitors the
-        # training loss averaged over each interval (and sees val_loss for its gap criterion).
-        lambda args, ctx: {
-            "patience": 2,
-            "lr_factor": 0.5,
-            "threshold": 1e-3,
-            "trend_window": 4,
-            "criteria": "any",
-            "monitor": "loss",
-            # One evaluation interval of warmup keeps later decisions on evaluation steps.
-            "warmup_steps": args.eval_interval,
-            "update_frequency": args.eval_interval,
-        },
-        extra_config=lambda args: {"metric_reduction": "mean"},
-    ),
-    "expert_gate": Strategy(
-        "expert_gate",
-        "ExpertGateMetaOptimizer: separate gate/expert lrs (MoE task only)",
-        lambda args, ctx: {"update_frequency": args.eval_interval},
-        tasks=("moe",),
-    ),
-    "smart_expert_gate": Strategy(
-        "smart_expert_gate",
-        "SmartExpertGateMetaOptimizer: entropy/sparsity/specialization (MoE task only)",
-        lambda args, ctx: {
-            "gate_lr_factor": 0.1,
-            "expert_lr_factor": 1.0,
-            "entropy_threshold": 0.8,
-            "sparsity_target": 0.7,
-            "specialization_bonus": 1.2,
-            "update_frequency": args.eval_interval,
-        },
-        tasks=("moe",),
-    ),
-    "rl": Strategy(
-        "rl",
-        "RLMetaOptimizer: a REINFORCE policy shared by every rl trial through a Ray actor, multiplying "
-        "the --rl-base schedule's lr (default cosine) by x0.5/x1/x2 at each decision",
-        lambda args, ctx: {
-            "shared_policy": ctx["policy_name"],
-            "update_frequency": max(1, args.eval_interval // 5),
-        },
+def _preset_config(spec: StrategySpec, args: argparse.Namespace, policy_name: str) -> dict[str, Any]:
+    # Heuristic strategies decide once per evaluation (the trainable's default update_frequency),
+    # on the validation loss where their spec says so; patience counts evaluations.
+    config = spec.preset_config(PresetContext(args.eval_interval, patience=2, policy_name=policy_name))
+    if spec.family == "rl":
         # The policy acts on a schedule (anchored actions): untrained it is that schedule.
-        extra_config=lambda args: {"schedule": args.rl_base},
-    ),
-}
+        config["schedule"] = args.rl_base
+    return config
+
+
+def strategies() -> dict[str, Strategy]:
+    """The CLI's strategies: every registered strategy with preset settings
+    (:func:`ray_metaopt.registry.register_strategy`), and ``cosine``, the schedule baseline."""
+    out: dict[str, Strategy] = {}
+    for spec in preset_strategies():
+        out[spec.name] = Strategy(spec.name, spec.summary, functools.partial(_preset_config, spec), spec.tasks)
+        if spec.name == "none":
+            out["cosine"] = Strategy(
+                "cosine",
+                "no meta-optimizer, a cosine lr schedule to zero: the schedule baseline",
+                lambda args, policy_name: {"meta": "none", "meta_config": {}, "schedule": "cosine"},
+            )
+    return out
+
+
+def _uses_rl(name: str) -> bool:
+    spec = strategy_spec(name)
+    return spec is not None and spec.family == "rl"
+
+
+def __getattr__(name: str) -> Any:
+    # ``STRATEGIES`` reads the registry when asked, so strategies registered later show up too.
+    if name == "STRATEGIES":
+        return strategies()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -134,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "subcommands:\n  bench    the benchmark suite (ray-metaopt bench --help)\n\n"
-            "strategies:\n" + "\n".join(f"  {name:<18} {s.help}" for name, s in STRATEGIES.items())
+            "strategies:\n" + "\n".join(f"  {name:<18} {s.help}" for name, s in strategies().items())
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -161,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help=f"strategies to compare, space or comma separated (default: {' '.join(DEFAULT_STRATEGIES)}; "
-        f"choices: {', '.join(STRATEGIES)})",
+        f"choices: {', '.join(strategies())})",
     )
     exp.add_argument(
         "--num-samples",
@@ -219,16 +189,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     names = _strategy_list(args.strategies) if args.strategies is not None else list(DEFAULT_STRATEGIES)
-    unknown = [n for n in names if n not in STRATEGIES]
+    known = strategies()
+    unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(
-            f"unknown strategy {', '.join(map(repr, unknown))}; choose from: {', '.join(STRATEGIES)}"
+            f"unknown strategy {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}"
         )
     if not names:
-        parser.error(f"--strategies is empty; choose from: {', '.join(STRATEGIES)}")
+        parser.error(f"--strategies is empty; choose from: {', '.join(known)}")
     names = list(dict.fromkeys(names))
     for name in names:
-        tasks = STRATEGIES[name].tasks
+        tasks = known[name].tasks
         if tasks is not None and args.task not in tasks:
             parser.error(f"strategy {name!r} needs --task {' or '.join(tasks)}, got --task {args.task}")
     args.strategy_names = names
@@ -283,15 +254,8 @@ def build_param_space(args: argparse.Namespace, policy_name: str) -> dict[str, A
 
     from ray_metaopt.tune import default_config
 
-    ctx = {"policy_name": policy_name}
-    presets = {}
-    for name in args.strategy_names:
-        strategy = STRATEGIES[name]
-        presets[name] = {
-            "meta": strategy.meta,
-            "meta_config": strategy.meta_config(args, ctx),
-            **strategy.extra_config(args),
-        }
+    known = strategies()
+    presets = {name: known[name].config(args, policy_name) for name in args.strategy_names}
     defaults = default_config()
     keys = sorted({k for preset in presets.values() for k in preset})
     for preset in presets.values():
@@ -419,7 +383,7 @@ def _result_rows(grid: Any, scheduler: Any) -> list[dict[str, Any]]:
                 ),
             }
         )
-    order = {name: i for i, name in enumerate(STRATEGIES)}
+    order = {name: i for i, name in enumerate(strategies())}
     rows.sort(key=lambda r: (order.get(r["strategy"], 99), r["seed"] if r["seed"] is not None else 0))
     return rows
 
@@ -546,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
     if "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
     name = args.name or time.strftime("metaopt_%Y%m%d_%H%M%S")
-    uses_rl = any(STRATEGIES[n].meta == "rl" for n in args.strategy_names)
+    uses_rl = any(_uses_rl(n) for n in args.strategy_names)
     policy_name = args.policy_name or f"ray_metaopt_cli_{uuid.uuid4().hex[:8]}"
 
     started_ray = _init_ray(args)
@@ -640,15 +604,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bench(argv: Sequence[str]) -> int:
-    """``ray-metaopt bench``: runs :func:`ray_metaopt.bench.main` (the benchmark suite) when the
-    package has it; otherwise says so and returns 2."""
-    try:
-        from ray_metaopt.bench import main as bench_main
-    except ModuleNotFoundError as e:
-        if e.name not in ("ray_metaopt.bench",):
-            raise
-        print("ray-metaopt bench: not implemented in this version (no ray_metaopt.bench)", file=sys.stderr)
-        return 2
+    """``ray-metaopt bench``: the benchmark suite (:func:`ray_metaopt.bench.main`)."""
+    from ray_metaopt.bench import main as bench_main
+
     return bench_main(list(argv))
 
 

@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from ._validation import check_int
 from .history import Decision, SkippedDecision
-from .wrapper import OptimizerWrapper, _value
+from .metrics import to_float
+from .wrapper import OptimizerWrapper
 
 # Hyperparameters whose per-group values are broadcast at every decision step (others are
 # broadcast when a decision touched them).
@@ -193,7 +194,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
             "decisions": [d.to_dict() for d in applied],
             "skipped": [s.to_dict() for s in skipped],
             "hparams": [
-                {k: _value(g[k]) for k in (*_SYNCED_HPARAMS, *sorted(touched)) if k in g}
+                {k: to_float(g[k]) for k in (*_SYNCED_HPARAMS, *sorted(touched)) if k in g}
                 for g in self.param_groups
             ],
             "schedule": {
@@ -219,7 +220,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
             for key, new in hparams.items():
                 if key not in group:
                     continue
-                old = _value(group[key])
+                old = to_float(group[key])
                 if new == old:
                     continue
                 if isinstance(group[key], torch.Tensor):

@@ -69,9 +69,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} chars)"
 
 
+def to_float(value: Any) -> float:
+    """A number or one-element tensor as a Python float (a tensor is synchronised here)."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Read every metric as a Python float (this is where tensors are synchronised)."""
-    return {k: float(v.item()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
+    return {k: to_float(v) for k, v in metrics.items()}
 
 
 def first_non_finite(metrics: Mapping[str, float]) -> str | None:

@@ -460,9 +460,7 @@ class AdvancedPlateauMetaOptimizer(PlateauMetaOptimizer):
     (grad norm, gap, weight norm); the reason names every trigger.
 
     Args:
-        patience, lr_factor, threshold, threshold_mode, cooldown, mode, monitor, eps,
-        grad_norm_threshold, weight_decay_factor, min_weight_decay_step, max_weight_decay_factor,
-        groups: as in :class:`PlateauMetaOptimizer`.
+        patience, lr_factor: as in :class:`PlateauMetaOptimizer`.
         warmup_steps: steps of linear lr warmup (>= 0).
         warmup_start_factor: lr at step 0 as a fraction of the initial lr, in [0, 1].
         trend_window: decisions in the trend fit (>= 2), also used for the gap and weight norm.
@@ -476,8 +474,10 @@ class AdvancedPlateauMetaOptimizer(PlateauMetaOptimizer):
         overfit_action: ``"weight_decay"``, ``"lr"`` or ``"both"`` on a widening gap.
         weight_norm_threshold: relative weight-norm slope per decision that raises weight decay
             (>= 0; ``None``: off).
-        update_frequency, min_lr, max_lr, max_weight_decay, adaptive_frequency: see
-            :class:`~ray_metaopt.MetaOptimizer`.
+        **plateau_args: the other arguments of :class:`PlateauMetaOptimizer` (``threshold``,
+            ``threshold_mode``, ``cooldown``, ``mode``, ``monitor``, ``eps``, the grad-norm weight
+            decay ones, ``groups``, the noise-aware ones) and of :class:`~ray_metaopt.MetaOptimizer`
+            (``update_frequency``, ``min_lr``, ``max_lr``, ``max_weight_decay``, ``adaptive_frequency``).
 
     Example:
         >>> meta = AdvancedPlateauMetaOptimizer(patience=3, lr_factor=0.5, grad_norm_threshold=10.0,
@@ -496,16 +496,6 @@ class AdvancedPlateauMetaOptimizer(PlateauMetaOptimizer):
         patience: int = 10,
         lr_factor: float = 0.1,
         *,
-        threshold: float = 1e-4,
-        threshold_mode: str = "rel",
-        cooldown: int = 0,
-        mode: str = "min",
-        monitor: str = "loss",
-        eps: float = 1e-8,
-        grad_norm_threshold: float | None = None,
-        weight_decay_factor: float = 1.5,
-        min_weight_decay_step: float = 1e-4,
-        max_weight_decay_factor: float | None = 10.0,
         warmup_steps: int = 0,
         warmup_start_factor: float = 0.1,
         trend_window: int = 5,
@@ -515,15 +505,7 @@ class AdvancedPlateauMetaOptimizer(PlateauMetaOptimizer):
         gap_threshold: float | None = 0.01,
         overfit_action: str = "weight_decay",
         weight_norm_threshold: float | None = None,
-        groups: Sequence[str | int] | None = None,
-        update_frequency: int = 1,
-        min_lr: BoundSpec = 0.0,
-        max_lr: BoundSpec = None,
-        max_weight_decay: BoundSpec = None,
-        adaptive_frequency: AdaptiveFrequency | Mapping[str, Any] | None = None,
-        noise_aware: bool | str = "auto",
-        window: int | None = None,
-        noise_k: float = 1.0,
+        **plateau_args: Any,
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         self.warmup_start_factor = check_range("warmup_start_factor", warmup_start_factor, 0.0, 1.0)
@@ -544,29 +526,7 @@ class AdvancedPlateauMetaOptimizer(PlateauMetaOptimizer):
                 "weight_norm_threshold", weight_norm_threshold, 0.0, math.inf, high_open=True
             )
         self.weight_norm_threshold = weight_norm_threshold
-        super().__init__(
-            patience,
-            lr_factor,
-            threshold=threshold,
-            threshold_mode=threshold_mode,
-            cooldown=cooldown,
-            mode=mode,
-            monitor=monitor,
-            eps=eps,
-            grad_norm_threshold=grad_norm_threshold,
-            weight_decay_factor=weight_decay_factor,
-            min_weight_decay_step=min_weight_decay_step,
-            max_weight_decay_factor=max_weight_decay_factor,
-            groups=groups,
-            update_frequency=update_frequency,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            max_weight_decay=max_weight_decay,
-            adaptive_frequency=adaptive_frequency,
-            noise_aware=noise_aware,
-            window=window,
-            noise_k=noise_k,
-        )
+        super().__init__(patience, lr_factor, **plateau_args)
 
     def _init_state(self) -> None:
         super()._init_state()

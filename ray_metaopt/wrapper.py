@@ -10,14 +10,10 @@ import torch
 
 from .base import GroupState, HParamUpdate, MetaOptimizer
 from .history import Decision, DecisionLog, SkippedDecision, check_max_records
-from .metrics import MetricAccumulator, check_metrics, first_non_finite
+from .metrics import MetricAccumulator, check_metrics, first_non_finite, to_float
 
 # Keys the wrapper adds to the wrapped optimizer's state_dict.
 _META_KEYS = ("meta_optimizer", "meta_wrapper")
-
-
-def _value(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
 def _stored_within(current: Any, value: float, low: float, high: float) -> float | None:
@@ -202,7 +198,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def _record_initial_values(self) -> None:
         for group in self.param_groups[len(self._initial):]:
             wd = group.get("weight_decay")
-            self._initial.append((_value(group["lr"]), None if wd is None else _value(wd)))
+            self._initial.append((to_float(group["lr"]), None if wd is None else to_float(wd)))
 
     def group_states(self) -> list[GroupState]:
         """Read-only snapshots of every param group (what strategies decide on)."""
@@ -215,8 +211,8 @@ class OptimizerWrapper(torch.optim.Optimizer):
                     index=i,
                     name=str(group.get("name", "")),
                     role=str(group.get("role", "")),
-                    lr=_value(group["lr"]),
-                    weight_decay=None if wd is None else _value(wd),
+                    lr=to_float(group["lr"]),
+                    weight_decay=None if wd is None else to_float(wd),
                     initial_lr=initial_lr,
                     initial_weight_decay=initial_wd,
                     num_params=sum(p.numel() for p in group["params"]),
@@ -355,7 +351,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 self.log.add_skipped(SkippedDecision(step, str(skipped)))
                 continue
             group = self.param_groups[update.group]
-            old = _value(group[update.hparam])
+            old = to_float(group[update.hparam])
             if new == old:
                 continue
             if isinstance(group[update.hparam], torch.Tensor):

@@ -92,13 +92,6 @@ def test_rl_strategy_acts_on_its_base_schedule(argv, base):
 
 
 def test_bench_dispatches_to_the_benchmark_suite(capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("ray_metaopt.bench") is None:
-        # The slot without the suite: a clear message and exit status 2.
-        assert main(["bench"]) == 2
-        assert "not implemented" in capsys.readouterr().err
-        return
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])
     assert exit_info.value.code == 0

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
-from .arms import ARMS_BY_NAME, RL_BASE_ARM, Arm, SuiteSize, arms_for, pbt_arm
+from .arms import RL_BASE_ARM, Arm, SuiteSize, arm_named, arms_for, pbt_arm
 from .runner import TrialRecord, tuned_lr
 from .stats import (
     PairedComparison,
@@ -269,7 +269,7 @@ def analyze(
                     variant = tuned_variant(arm)
                     arms[variant.name] = _arm_result(variant, task, records, size, source=arm.name)
         for name in sorted({r.arm for r in records if r.task == task} - set(arms) - {"rl_train"}):
-            arm = ARMS_BY_NAME.get(name) or (pbt_arm(int(name[3:])) if name.startswith("pbt") else None)
+            arm = arm_named(name) or (pbt_arm(int(name[3:])) if name.startswith("pbt") else None)
             if arm is not None:  # arms of a run made with another size (e.g. --report-only)
                 result = _arm_result(arm, task, records, size, base_lr=base_lr)
                 if result is not None:

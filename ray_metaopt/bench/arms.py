@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from .._validation import check_int
+from ..registry import PresetContext, StrategySpec, preset_strategies, strategy_spec
 from .stats import log_grid
 
 STRATEGIES_MODULE = "ray_metaopt.bench.strategies"
@@ -254,6 +255,7 @@ class Arm:
         population: PBT population size.
         needs: a module the arm's optimizer comes from (extra ``bench``); the arm is skipped,
             and says so, where it is not installed.
+        tasks: the tasks it is made for (``None``: all), as its strategy's registration says.
     """
 
     name: str
@@ -264,6 +266,7 @@ class Arm:
     config: ConfigFn = field(compare=False)
     population: int = 0
     needs: str | None = None
+    tasks: tuple[str, ...] | None = None
 
     @property
     def available(self) -> bool:
@@ -274,8 +277,27 @@ def _strategy(name: str) -> str:
     return f"{STRATEGIES_MODULE}:{name}"
 
 
+def preset_context(ctx: ArmContext) -> PresetContext:
+    """A registered strategy's preset context here: decisions at evaluations, patience scaled to the run."""
+    return PresetContext(ctx.size.eval_interval, patience=ctx.size.patience(ctx.task))
+
+
+def strategy_arm(spec: StrategySpec) -> Arm:
+    """The arm of a registered heuristic strategy: its preset settings (the CLI's, with the patience
+    scaled to the run); over the lr grid, or at the default lr for one made for some tasks only."""
+    return Arm(
+        spec.name,
+        "heuristic",
+        f"{spec.summary}; the CLI's preset settings" if spec.summary else "the CLI's preset settings",
+        "sweep" if spec.tasks is None else "default",
+        "main",
+        lambda ctx: spec.preset_config(preset_context(ctx)),
+        tasks=spec.tasks,
+    )
+
+
 def _plateau_config(ctx: ArmContext) -> dict[str, Any]:
-    return {"patience": ctx.size.patience(ctx.task), "lr_factor": 0.5, "threshold": 1e-3}
+    return strategy_spec("plateau").preset_config(preset_context(ctx))["meta_config"]
 
 
 def _rl_config(ctx: ArmContext, **extra: Any) -> dict[str, Any]:
@@ -305,7 +327,7 @@ def _schedule_free(ctx: ArmContext, **extra: Any) -> dict[str, Any]:
     }
 
 
-GENERIC_ARMS: tuple[Arm, ...] = (
+BASELINE_ARMS: tuple[Arm, ...] = (
     Arm("fixed", "baseline", "AdamW at a constant lr; tuned over the lr grid", "tune", "main",
         lambda ctx: {"meta": "none", "schedule": "constant"}),
     Arm("cosine", "baseline", "AdamW with a cosine decay to 0 over the run; tuned over the lr grid", "tune", "main",
@@ -318,24 +340,14 @@ GENERIC_ARMS: tuple[Arm, ...] = (
         "torch ReduceLROnPlateau on val_loss once per evaluation (torch defaults: factor 0.1, threshold 1e-4 rel; "
         "patience in evaluations scaled to the run)", "sweep", "main",
         lambda ctx: {"meta": _strategy("TorchReduceLROnPlateau"), "meta_config": {"patience": ctx.size.patience(ctx.task)}}),
-    Arm("plateau", "heuristic", "PlateauMetaOptimizer on val_loss (lr x0.5 after `patience` flat evaluations)",
-        "sweep", "main", lambda ctx: {"meta": "plateau", "meta_config": _plateau_config(ctx)}),
-    Arm("schedule_free_plateau", "heuristic",
-        "PlateauMetaOptimizer on top of schedule-free AdamW (the plateau arm's settings)", "sweep", "main",
-        lambda ctx: _schedule_free(ctx, meta="plateau", meta_config=_plateau_config(ctx)), needs="schedulefree"),
-    Arm("advanced_plateau", "heuristic",
-        "AdvancedPlateauMetaOptimizer (plateau + trend + warmup + grad-norm weight decay), the CLI's settings",
-        "sweep", "main",
-        lambda ctx: {
-            "meta": "advanced_plateau",
-            "meta_config": {
-                **_plateau_config(ctx),
-                "trend_window": 4,
-                "criteria": "any",
-                "monitor": "loss",
-                "warmup_steps": ctx.size.eval_interval,
-            },
-        }),
+)
+
+SCHEDULE_FREE_PLATEAU_ARM = Arm(
+    "schedule_free_plateau", "heuristic",
+    "PlateauMetaOptimizer on top of schedule-free AdamW (the plateau arm's settings)", "sweep", "main",
+    lambda ctx: _schedule_free(ctx, meta="plateau", meta_config=_plateau_config(ctx)), needs="schedulefree")
+
+RL_ARMS: tuple[Arm, ...] = (
     Arm("rl", "rl",
         f"RL policy on a {RL_BASE_SCHEDULE} base schedule, trained with the shared policy actor, evaluated frozen "
         "(mean readout of its action distribution) on fresh seeds; reported at its base's tuned lr",
@@ -359,8 +371,20 @@ GENERIC_ARMS: tuple[Arm, ...] = (
     Arm("rl_base", "rl_control",
         f"the RL policy's base ({RL_BASE_ARM}) alone at {' and '.join(f'{f:g}x' for f in RL_NEAR_FACTORS)} its "
         "tuned lr, off the grid: the reference of the RL arm there",
-        "rl_near", "rl_eval", lambda ctx: ARMS_BY_NAME[RL_BASE_ARM].config(ctx)),
+        "rl_near", "rl_eval", lambda ctx: arm_named(RL_BASE_ARM).config(ctx)),
 )
+
+
+
+def generic_arms() -> tuple[Arm, ...]:
+    """The arms of every task, in report order: baselines, one arm per registered heuristic
+    strategy with preset settings (:func:`ray_metaopt.registry.register_strategy`), then the RL arms."""
+    return BASELINE_ARMS + _heuristic_arms() + (SCHEDULE_FREE_PLATEAU_ARM,) + RL_ARMS
+
+
+def _heuristic_arms() -> tuple[Arm, ...]:
+    return tuple(strategy_arm(spec) for spec in preset_strategies(family="heuristic"))
+
 
 def pbt_arm(population: int) -> Arm:
     """Ray Tune PBT with ``population`` members, each trained at the same seed from a sampled lr."""
@@ -382,21 +406,6 @@ MOE_ARMS: tuple[Arm, ...] = (
         lambda ctx: {"meta": "none", "task_config": {"balance_weight": 0.0}}),
     Arm("moe_z_loss", "moe", "router treatment: load-balancing loss plus router z-loss (weight 1e-3)", "default", "main",
         lambda ctx: {"meta": "none", "task_config": {"z_loss_weight": 1e-3}}),
-    Arm("expert_gate", "moe", "ExpertGateMetaOptimizer (separate gate/expert lrs), with the load-balancing loss",
-        "default", "main", lambda ctx: {"meta": "expert_gate"}),
-    Arm("smart_expert_gate", "moe",
-        "SmartExpertGateMetaOptimizer (entropy/sparsity/specialization), with the load-balancing loss, the CLI's settings",
-        "default", "main",
-        lambda ctx: {
-            "meta": "smart_expert_gate",
-            "meta_config": {
-                "gate_lr_factor": 0.1,
-                "expert_lr_factor": 1.0,
-                "entropy_threshold": 0.8,
-                "sparsity_target": 0.7,
-                "specialization_bonus": 1.2,
-            },
-        }),
 )
 
 OPTIONAL_ARM = Arm("lr_free", "optional",
@@ -410,21 +419,27 @@ OPTIONAL_ARM = Arm("lr_free", "optional",
                    },
                    needs="prodigyopt")
 
-ALL_ARMS: tuple[Arm, ...] = GENERIC_ARMS + (pbt_arm(4), pbt_arm(8)) + MOE_ARMS + (OPTIONAL_ARM,)
-ARMS_BY_NAME = {a.name: a for a in ALL_ARMS}
+def all_arms() -> tuple[Arm, ...]:
+    """Every arm of the table (the registry's heuristics as registered now)."""
+    return generic_arms() + (pbt_arm(4), pbt_arm(8)) + MOE_ARMS + (OPTIONAL_ARM,)
+
+
+def arm_named(name: str) -> Arm | None:
+    """The arm called ``name`` (``None``: no such arm)."""
+    return next((a for a in all_arms() if a.name == name), None)
 
 
 def arms_for(task: str, size: SuiteSize) -> list[Arm]:
     """The arms that run on ``task`` at this size, in report order."""
-    arms = []
-    for arm in GENERIC_ARMS:
+    def runs(arm: Arm) -> bool:
         if arm.family in ("rl", "rl_control") and task not in size.rl_tasks:
-            continue
-        if not arm.available:
-            continue
-        arms.append(arm)
-        if arm.name == "advanced_plateau" and task in size.pbt_tasks:
-            arms.extend(pbt_arm(p) for p in size.pbt_populations)
+            return False
+        return arm.available and (arm.tasks is None or task in arm.tasks)
+
+    arms = [a for a in BASELINE_ARMS + _heuristic_arms() + (SCHEDULE_FREE_PLATEAU_ARM,) if runs(a)]
+    if task in size.pbt_tasks:
+        arms.extend(pbt_arm(p) for p in size.pbt_populations)
+    arms.extend(a for a in RL_ARMS if runs(a))
     if task in size.moe_tasks:
         arms.extend(a for a in MOE_ARMS if a.name != "moe_z_loss" or moe_task_accepts("z_loss_weight"))
     if OPTIONAL_ARM.available:
@@ -436,11 +451,13 @@ def skipped_arms(task: str, size: SuiteSize) -> list[tuple[str, str]]:
     """``(arm, why)`` for the arms of the table that do not run on ``task`` at this size."""
     running = {a.name for a in arms_for(task, size)}
     out = []
-    for arm in ALL_ARMS:
+    for arm in all_arms():
         if arm.name in running:
             continue
         if arm.family == "moe" and task not in size.moe_tasks:
             continue  # MoE arms only make sense on MoE tasks: not a gap
+        if arm.tasks is not None and task not in arm.tasks:
+            continue  # nor a strategy made for other tasks
         if arm.family == "pbt" and task in size.pbt_tasks:
             continue  # this size runs other populations; they are listed in the setup
         if arm.family == "pbt":

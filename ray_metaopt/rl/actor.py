@@ -46,7 +46,7 @@ from typing import Any
 
 from .._validation import check_int, check_optional_mapping, check_path, check_range
 from .persistence import dumps, join, load_policy, loads, policy_state_from_learner, read_bytes, write_bytes
-from .policy import PolicyConfig, signature_mismatch
+from .policy import PolicyConfig
 from .reinforce import Learner, invalid_transition
 
 logger = logging.getLogger(__name__)
@@ -265,13 +265,11 @@ class PolicyActor:
         state = loads(data)
         if state.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a PolicyActor checkpoint")
-        saved = PolicyConfig.from_dict(state["config"])
-        mismatch = signature_mismatch(saved.signature(), self.config.signature())
-        if mismatch:
-            raise ValueError(
-                f"checkpoint {path} was written by a policy with different {mismatch}; "
-                "use another checkpoint_uri or the same policy_config"
-            )
+        self.config.require_compatible(
+            PolicyConfig.from_dict(state["config"]),
+            f"checkpoint {path} was written by a policy with",
+            "use another checkpoint_uri or the same policy_config",
+        )
         self.learner.load_state_dict(state["learner"])
         self.counters = dict(state["counters"])
         self.buffer = list(state["buffer"])
@@ -281,13 +279,11 @@ class PolicyActor:
 
     def _load_initial_policy(self, path: str) -> None:
         state = load_policy(path)
-        mismatch = signature_mismatch(
-            PolicyConfig.from_dict(state["config"]).signature(), self.config.signature()
+        self.config.require_compatible(
+            PolicyConfig.from_dict(state["config"]),
+            f"policy_path={path!r} holds a policy with",
+            "pass the same policy_config",
         )
-        if mismatch:
-            raise ValueError(
-                f"policy_path={path!r} holds a policy with different {mismatch} than policy_config"
-            )
         self.learner.load_state_dict(state)
 
 

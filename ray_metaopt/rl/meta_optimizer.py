@@ -15,18 +15,15 @@ import torch
 from .._validation import check_choice, check_int, check_range
 from ..base import BoundSpec, GroupState, HParamUpdate, MetaOptimizer
 from ..frequency import AdaptiveFrequency
+from ..schedules import SCHEDULE_SHAPES
 from .features import FeatureExtractor
 from .persistence import load_policy, policy_state_from_learner
-from .policy import PolicyConfig, argmax, sample_index, signature_mismatch, uniform
+from .policy import PolicyConfig, argmax, sample_index, uniform
 from .reinforce import Learner, single_threaded
 from .rewards import REFERENCE_LOSS, REFERENCE_VAL_LOSS, final_term, interval_reward
 from .rollout import finalize
 
-SCHEDULES: dict[str, Callable[[float], float]] = {
-    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
-    "linear": lambda p: 1.0 - p,
-    "constant": lambda p: 1.0,
-}
+SCHEDULES = SCHEDULE_SHAPES  # the base schedules of the "schedule" and "anchored" action modes
 _DEFAULT_SCALE_BOUNDS = {"anchored": (1e-3, 10.0), "multiplicative": (1e-3, 10.0), "schedule": (0.25, 4.0)}
 _PROBE_POINTS = tuple(i / 20 for i in range(21))
 _LOSS_EMA_RATE = 0.1
@@ -416,16 +413,11 @@ class RLMetaOptimizer(MetaOptimizer):
 
     def _load_policy_file(self, path: str) -> None:
         state = load_policy(path)
-        saved = PolicyConfig.from_dict(state["config"])
-        mismatch = signature_mismatch(saved.signature(), self.config.signature())
-        if mismatch:
-            detail = ", ".join(
-                f"{k}={saved.signature()[k]!r} (here {self.config.signature()[k]!r})" for k in mismatch
-            )
-            raise ValueError(
-                f"policy_path={path!r} holds a policy with {detail}; pass the same values, or use "
-                "RLMetaOptimizer.from_policy(path, ...) to take them from the file"
-            )
+        self.config.require_compatible(
+            PolicyConfig.from_dict(state["config"]),
+            f"policy_path={path!r} holds a policy with",
+            "pass the same values, or use RLMetaOptimizer.from_policy(path, ...) to take them from the file",
+        )
         self.learner.load_state_dict(state)
 
     # ---------------------------------------------------------------- state
@@ -839,15 +831,11 @@ class RLMetaOptimizer(MetaOptimizer):
         update = self._client.poll(self.learner.version)
         if update is None:
             return
-        mismatch = signature_mismatch(update["signature"], self.config.signature())
-        if mismatch:
-            raise ValueError(
-                f"the shared policy {self.shared_policy!r} was started with "
-                + ", ".join(f"{k}={update['signature'][k]!r}" for k in mismatch)
-                + " but this RLMetaOptimizer has "
-                + ", ".join(f"{k}={self.config.signature()[k]!r}" for k in mismatch)
-                + "; give start_policy_actor(policy_config=...) and the trials the same settings"
-            )
+        self.config.require_compatible(
+            update["signature"],
+            f"the shared policy {self.shared_policy!r} was started with",
+            "give start_policy_actor(policy_config=...) and the trials the same settings",
+        )
         if update.get("weights") is not None:
             self._before_learner_changes()
             self.learner.load_weights(update["weights"])

@@ -201,9 +201,20 @@ class PolicyConfig:
         }
 
 
-def signature_mismatch(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Keys on which two :meth:`PolicyConfig.signature` dicts differ."""
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    def require_compatible(self, other: Mapping[str, Any] | PolicyConfig, source: str, hint: str) -> None:
+        """Raise a ``ValueError`` unless ``other`` (a config or its :meth:`signature`) shares weights with this one.
+
+        The message reads ``"{source} k=theirs (here ours), ...; {hint}"``.
+
+        Example:
+            >>> config.require_compatible(saved, f"policy_path={path!r} holds a policy with", "pass the same values")
+        """
+        theirs = other.signature() if isinstance(other, PolicyConfig) else dict(other)
+        ours = self.signature()
+        mismatch = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if mismatch:
+            detail = ", ".join(f"{k}={theirs.get(k)!r} (here {ours.get(k)!r})" for k in mismatch)
+            raise ValueError(f"{source} {detail}; {hint}")
 
 
 class PolicyNetwork(torch.nn.Module):

@@ -7,7 +7,6 @@ so a misconfigured Tune trial errors at its start instead of training the wrong 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import numbers
@@ -19,6 +18,9 @@ import torch
 from .._validation import check_choice, check_int, check_range
 from ..base import GroupState, HParamUpdate, MetaOptimizer
 from ..metrics import REDUCTIONS
+from ..registry import default_monitor, load_path, resolve_strategy, strategy_names
+from ..registry import register_strategy as register_strategy  # re-exported by ray_metaopt.tune
+from ..schedules import SCHEDULE_SHAPES
 
 # --------------------------------------------------------------------------- optimizers
 # torch.optim classes that cannot be driven by a plain `loss.backward(); step()` loop over
@@ -45,14 +47,6 @@ def available_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
     return dict(sorted(found.items()))
 
 
-def _import(path: str, what: str) -> Any:
-    module, _, attr = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{what}={path!r} could not be imported: {exc}") from exc
-
-
 def optimizer_class(name: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """The optimizer class for a ``torch.optim`` name (any case), a class, or a ``"module:Class"`` path.
 
@@ -67,7 +61,7 @@ def optimizer_class(name: str | type[torch.optim.Optimizer]) -> type[torch.optim
             f"optimizer must be a name, an Optimizer subclass or 'module:Class', got optimizer={name!r}"
         )
     if ":" in name:
-        cls = _import(name, "optimizer")
+        cls = load_path(name, "optimizer")
         if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
             raise TypeError(f"optimizer={name!r} is not a torch.optim.Optimizer subclass")
         return cls
@@ -179,61 +173,14 @@ class FixedHyperparameters(MetaOptimizer):
         return []
 
 
-# name -> MetaOptimizer subclass / factory, or "module:attr" imported on first use, so that a
-# strategy module with an import error only breaks the trials that use it.
-_STRATEGIES: dict[str, Callable[..., MetaOptimizer] | str] = {
-    "none": FixedHyperparameters,
-    "plateau": "ray_metaopt.plateau:PlateauMetaOptimizer",
-    "advanced_plateau": "ray_metaopt.plateau:AdvancedPlateauMetaOptimizer",
-    "expert_gate": "ray_metaopt.expert_gate:ExpertGateMetaOptimizer",
-    "smart_expert_gate": "ray_metaopt.expert_gate:SmartExpertGateMetaOptimizer",
-    "rl": "ray_metaopt.rl:RLMetaOptimizer",
-}
-
-
 def available_strategies() -> list[str]:
-    """Names accepted as ``config["meta"]``."""
-    return list(_STRATEGIES)
-
-
-def register_strategy(
-    name: str, factory: Callable[..., MetaOptimizer] | str, *, overwrite: bool = False
-) -> None:
-    """Make a custom strategy available as ``config["meta"] = name``.
-
-    Like :func:`~ray_metaopt.tune.tasks.register_task`, the registry is per process: register in a
-    module the Tune workers import, or pass the class itself (or ``"module:Class"``) as ``meta``.
-
-    Example:
-        >>> register_strategy("halve", HalveEvery100Steps)
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got name={name!r}")
-    if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
-        raise TypeError(f"factory must be a callable or a 'module:attr' path, got factory={factory!r}")
-    if name in _STRATEGIES and not overwrite:
-        raise ValueError(
-            f"a strategy named {name!r} is already registered; pass overwrite=True to replace it"
-        )
-    _STRATEGIES[name] = factory
+    """Names accepted as ``config["meta"]`` (:func:`ray_metaopt.registry.strategy_names`)."""
+    return strategy_names()
 
 
 def strategy_factory(meta: str | Callable[..., MetaOptimizer]) -> tuple[str, Callable[..., MetaOptimizer]]:
     """``(name, factory)`` of a strategy name, class or ``"module:Class"`` path."""
-    if callable(meta):
-        return getattr(meta, "__name__", "custom"), meta
-    if not isinstance(meta, str):
-        raise TypeError(
-            f"meta must be a strategy name, a MetaOptimizer subclass or 'module:Class', got meta={meta!r}"
-        )
-    if meta in _STRATEGIES:
-        factory = _STRATEGIES[meta]
-        if isinstance(factory, str):
-            factory = _import(factory, f"meta={meta!r} ->")
-        return meta, factory
-    if ":" in meta:
-        return meta.rpartition(":")[2], _import(meta, "meta")
-    raise ValueError(f"meta must be one of {available_strategies()} (or 'module:Class'), got meta={meta!r}")
+    return resolve_strategy(meta)
 
 
 def _accepted_kwargs(factory: Callable) -> set[str] | None:
@@ -306,13 +253,15 @@ def trial_meta_defaults(meta: Any, eval_interval: int) -> dict[str, Any]:
     """Defaults the provided trainable gives a strategy, under what ``meta_config`` sets.
 
     Decisions happen at evaluations (``update_frequency=eval_interval``), where ``val_loss`` is
-    known, and the plateau strategies watch ``val_loss``: torch's ``ReduceLROnPlateau`` used per
+    known, and a strategy registered with ``monitor="val_loss"`` (the plateau strategies) watches
+    ``val_loss``: torch's ``ReduceLROnPlateau`` used per
     epoch on the validation loss, instead of a per-step rule on the noisy minibatch loss (which
     rarely beats its luckiest batch and so cuts the lr every ``patience`` steps).
     """
     defaults: dict[str, Any] = {"update_frequency": eval_interval}
-    if meta in ("plateau", "advanced_plateau"):
-        defaults["monitor"] = "val_loss"
+    monitor = default_monitor(meta)
+    if monitor is not None:
+        defaults["monitor"] = monitor
     return defaults
 
 
@@ -331,7 +280,7 @@ def check_val_loss_alignment(strategy: MetaOptimizer, eval_interval: int) -> Non
 
 
 # --------------------------------------------------------------------------- lr schedules
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = tuple(SCHEDULE_SHAPES)
 
 
 def build_schedule(
@@ -359,16 +308,14 @@ def build_schedule(
     if schedule == "constant" and warmup == 0:
         return None
     decay_steps = max(1, total_steps - warmup)
+    shape = SCHEDULE_SHAPES[schedule]
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / decay_steps)
-        if schedule == "cosine":
-            return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        if schedule == "linear":
-            return final + (1.0 - final) * (1.0 - progress)
-        return 1.0
+        if schedule == "constant":
+            return 1.0
+        return final + (1.0 - final) * shape(min(1.0, (step - warmup) / decay_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

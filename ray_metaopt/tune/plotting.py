@@ -50,18 +50,6 @@ def _distinct_lr_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return keys
 
 
-def trajectory_label(trajectory: Mapping[str, Any]) -> str:
-    """``"<strategy> seed=<seed>"`` (falling back to the trial id)."""
-    config = trajectory.get("config", {})
-    strategy = config.get("strategy") or config.get("meta") or "trial"
-    seed = config.get("seed")
-    return (
-        f"{strategy} seed={seed}"
-        if seed is not None
-        else f"{strategy} {trajectory.get('trial_id', '')}".strip()
-    )
-
-
 def plot_trajectories(
     trajectories: Iterable[Mapping[str, Any]],
     path: str | os.PathLike,

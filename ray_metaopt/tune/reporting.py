@@ -61,6 +61,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..base import MetaOptimizer
+from ..metrics import to_float
 from ..wrapper import OptimizerWrapper
 
 CHECKPOINT_FILE = "metaopt_state.pt"
@@ -115,10 +116,6 @@ def group_labels(param_groups: Sequence[Mapping[str, Any]]) -> list[str]:
     return [n if n and names.count(n) == 1 else str(i) for i, n in enumerate(names)]
 
 
-def _value(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
-
-
 def hparam_metrics(wrapper: OptimizerWrapper) -> dict[str, Any]:
     """``lr`` (group 0), ``lr/<group>``, ``weight_decay/<group>`` and ``lr_at_floor``.
 
@@ -133,7 +130,7 @@ def hparam_metrics(wrapper: OptimizerWrapper) -> dict[str, Any]:
             out[f"weight_decay/{label}"] = state.weight_decay
         low, _ = wrapper.meta_optimizer.lr_bounds(state)
         at_floor = at_floor and state.lr <= low * (1 + 1e-9)
-    out["lr"] = _value(wrapper.param_groups[0]["lr"]) if wrapper.param_groups else math.nan
+    out["lr"] = to_float(wrapper.param_groups[0]["lr"]) if wrapper.param_groups else math.nan
     out["lr_at_floor"] = bool(at_floor and wrapper.param_groups)
     return out
 
@@ -190,7 +187,7 @@ class MetricsReporter:
 
         ``diverged`` defaults to "``train_loss`` or ``val_loss`` is not finite".
         """
-        train_loss, val_loss = _value(train_loss), _value(val_loss)
+        train_loss, val_loss = to_float(train_loss), to_float(val_loss)
         if diverged is None:
             diverged = not (math.isfinite(train_loss) and math.isfinite(val_loss))
         if math.isfinite(val_loss):
@@ -221,7 +218,7 @@ class MetricsReporter:
         }
         result.update(hparam_metrics(self.wrapper))
         for key, value in {**self.constants, **dict(extras or {})}.items():
-            result[self._key(key)] = _value(value) if isinstance(value, (torch.Tensor, float, int)) else value
+            result[self._key(key)] = to_float(value) if isinstance(value, (torch.Tensor, float, int)) else value
         return result
 
     def restart_timer(self, step: int | None = None) -> None:
@@ -300,7 +297,7 @@ def report_metrics(
         val_loss=metrics["val_loss"],
         diverged=metrics.get("diverged"),
     )
-    result.update({k: _value(v) if isinstance(v, torch.Tensor) else v for k, v in extras.items()})
+    result.update({k: to_float(v) if isinstance(v, torch.Tensor) else v for k, v in extras.items()})
     if checkpoint_dir is not None:
         # The checkpoint was written before this report: store the reporter's state as of after
         # it, so a resumed trial neither re-reports these decisions nor forgets this val_loss.
@@ -448,10 +445,10 @@ def restore_from_tune(
 def _reference_group(built: Sequence[Mapping[str, Any]], key: str, value: float) -> int | None:
     candidates = [i for i, g in enumerate(built) if key in g]
     for i in candidates:
-        if _value(built[i][key]) == value:
+        if to_float(built[i][key]) == value:
             return i
     for i in candidates:
-        if _value(built[i][key]) > 0:
+        if to_float(built[i][key]) > 0:
             return i
     return None
 
@@ -490,14 +487,14 @@ def apply_config_hparams(
             if key == "lr" and schedulers and ref < len(schedulers[0].base_lrs):
                 anchor = float(schedulers[0].base_lrs[ref])
             else:
-                anchor = _value(groups[ref][key])
-            target = _value(built[ref][key])
+                anchor = to_float(groups[ref][key])
+            target = to_float(built[ref][key])
             factor = target / anchor if anchor > 0 and math.isfinite(anchor) else None
             for i, group in enumerate(groups):
                 if key not in group:
                     continue
-                fresh = _value(built[i][key]) if i < len(built) and key in built[i] else _value(group[key])
-                _set(group, key, _value(group[key]) * factor if factor is not None else fresh)
+                fresh = to_float(built[i][key]) if i < len(built) and key in built[i] else to_float(group[key])
+                _set(group, key, to_float(group[key]) * factor if factor is not None else fresh)
                 if factor is not None:
                     wrapper.rescale_anchors(i, key, factor=factor, schedulers=schedulers)
                 else:

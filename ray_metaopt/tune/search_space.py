@@ -19,19 +19,22 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ray import tune
 from ray.tune.search.sample import Domain
 
 from .._validation import check_choice, check_int
+from ..registry import default_monitor, register_strategy, strategy_names, strategy_spec
 
 # Each builder returns a fresh dict (Tune domains are mutable objects: never share one).
 _SpaceFn = Callable[[], dict[str, Any]]
 
 
-def _plateau() -> dict[str, Any]:
+def plateau_space() -> dict[str, Any]:
     return {
         # Counts are in decisions (one per ``update_frequency`` steps).
         "patience": tune.randint(1, 11),
@@ -44,8 +47,8 @@ def _plateau() -> dict[str, Any]:
     }
 
 
-def _advanced_plateau() -> dict[str, Any]:
-    space = _plateau()
+def advanced_plateau_space() -> dict[str, Any]:
+    space = plateau_space()
     space.update(
         {
             "grad_norm_threshold": tune.loguniform(1.0, 100.0),
@@ -58,7 +61,7 @@ def _advanced_plateau() -> dict[str, Any]:
     return space
 
 
-def _expert_gate() -> dict[str, Any]:
+def expert_gate_space() -> dict[str, Any]:
     return {
         "gate_lr_factor": tune.loguniform(0.01, 1.0),
         "expert_lr_factor": tune.uniform(0.5, 1.5),
@@ -68,8 +71,8 @@ def _expert_gate() -> dict[str, Any]:
     }
 
 
-def _smart_expert_gate() -> dict[str, Any]:
-    space = _expert_gate()
+def smart_expert_gate_space() -> dict[str, Any]:
+    space = expert_gate_space()
     space.update(
         {
             "sparsity_target": tune.uniform(0.3, 0.9),
@@ -85,7 +88,7 @@ def _smart_expert_gate() -> dict[str, Any]:
 RL_POLICY_KEYS = ("policy_lr", "entropy_weight", "gamma", "hidden_size", "lr_actions")
 
 
-def _rl() -> dict[str, Any]:
+def rl_space() -> dict[str, Any]:
     return {
         "update_frequency": tune.choice([5, 10, 20]),
         "policy_lr": tune.loguniform(1e-5, 1e-2),
@@ -98,39 +101,39 @@ def _rl() -> dict[str, Any]:
     }
 
 
-# Strategies the provided trainable makes watch ``val_loss`` (builders.trial_meta_defaults).
-_VAL_LOSS_STRATEGIES = ("plateau", "advanced_plateau")
-
-_SPACES: dict[str, _SpaceFn] = {
-    "none": dict,
-    "plateau": _plateau,
-    "advanced_plateau": _advanced_plateau,
-    "expert_gate": _expert_gate,
-    "smart_expert_gate": _smart_expert_gate,
-    "rl": _rl,
-}
-
-
 def meta_search_space_names() -> tuple[str, ...]:
-    """The strategy names :func:`meta_search_space` knows (those of the provided trainable's ``meta``)."""
-    return tuple(_SPACES)
+    """The strategy names :func:`meta_search_space` knows: every registered strategy
+    (:func:`ray_metaopt.registry.register_strategy`; one without a ``search_space`` has ``{}``)."""
+    return tuple(strategy_names())
 
 
 def register_meta_search_space(name: str, space_fn: _SpaceFn) -> None:
-    """Register the search space of a user strategy.
+    """Set the search space of a registered strategy (deprecated: pass ``search_space=`` to
+    :func:`~ray_metaopt.registry.register_strategy`, where the strategy is declared once).
 
     Args:
-        name: the strategy's name (as in the trainable's ``meta`` key).
+        name: the strategy's registered name (as in the trainable's ``meta`` key).
         space_fn: a function with no arguments returning a fresh ``dict`` of Tune domains/values.
 
     Example:
         >>> register_meta_search_space("my_strategy", lambda: {"alpha": tune.uniform(0, 1)})
     """
+    warnings.warn(
+        "register_meta_search_space is deprecated; pass search_space= to ray_metaopt.register_strategy",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got name={name!r}")
     if not callable(space_fn):
         raise TypeError(f"space_fn must be callable, got space_fn={space_fn!r}")
-    _SPACES[name] = space_fn
+    entry = strategy_spec(name)
+    if entry is None or entry.name != name:
+        raise ValueError(
+            f"name={name!r} is not a registered strategy (registered: {strategy_names()}); "
+            "register it with ray_metaopt.register_strategy(name, factory, search_space=...)"
+        )
+    register_strategy(replace(entry, search_space=space_fn), overwrite=True)
 
 
 def meta_search_space(
@@ -169,11 +172,14 @@ def meta_search_space(
         >>> sorted(space)
         ['lr_factor', 'patience', 'threshold', 'update_frequency']
     """
-    check_choice("strategy", strategy, tuple(_SPACES))
+    check_choice("strategy", strategy, tuple(strategy_names()))
     if eval_interval is not None:
         check_int("eval_interval", eval_interval, minimum=1)
-    space = dict(_SPACES[strategy]())
-    if eval_interval is not None and strategy in _VAL_LOSS_STRATEGIES:
+    space = strategy_spec(strategy).space()
+    # The provided trainable makes a strategy watch its registered monitor (val_loss: the plateau
+    # strategies) unless `monitor` says otherwise.
+    monitor = default_monitor(strategy)
+    if eval_interval is not None and monitor == "val_loss":
         space["update_frequency"] = tune.choice([k * eval_interval for k in (1, 2, 5)])
     if strategy == "rl" and fixed.get("shared_policy") is not None:
         for key in RL_POLICY_KEYS:
@@ -189,8 +195,7 @@ def meta_search_space(
     for key in exclude:
         del space[key]
     space.update(fixed)
-    # The provided trainable's plateau strategies watch val_loss unless `monitor` says otherwise.
-    watches_val_loss = space.get("monitor", "val_loss" if strategy in _VAL_LOSS_STRATEGIES else None) == "val_loss"
+    watches_val_loss = space.get("monitor", monitor) == "val_loss"
     searched = isinstance(space.get("update_frequency"), Domain) and "update_frequency" in fixed
     if watches_val_loss and searched:
         raise ValueError(

@@ -254,11 +254,11 @@ def test_bad_arguments_exit_with_status_2(argv, message, capsys):
 
 
 def test_rl_lr_plans_follow_the_base_schedules_tuned_lr():
-    from ray_metaopt.bench.arms import ARMS_BY_NAME, RL_BASE_SCHEDULE
+    from ray_metaopt.bench.arms import RL_BASE_SCHEDULE, arm_named
 
     size = SUITE_SIZES["quick"]
     tuned = size.lr_grid[3]
-    rl, untrained, base = (ARMS_BY_NAME[n] for n in ("rl", "rl_untrained", "rl_base"))
+    rl, untrained, base = (arm_named(n) for n in ("rl", "rl_untrained", "rl_base"))
     assert lrs_for(rl, "mnist1d", size, tuned) == [*size.lr_grid, tuned * 0.5, tuned * 2.0]
     assert lrs_for(untrained, "mnist1d", size, tuned) == [tuned]
     assert lrs_for(base, "mnist1d", size, tuned) == [tuned * 0.5, tuned * 2.0]
@@ -266,7 +266,7 @@ def test_rl_lr_plans_follow_the_base_schedules_tuned_lr():
     doubling = size.with_(lr_grid=(1e-3, 2e-3, 4e-3), default_lr_index=1)
     assert lrs_for(base, "mnist1d", doubling, 2e-3) == []
     assert lrs_for(rl, "mnist1d", doubling, 2e-3) == [1e-3, 2e-3, 4e-3]
-    for arm in (rl, untrained, ARMS_BY_NAME["rl_replay"]):
+    for arm in (rl, untrained, arm_named("rl_replay")):
         assert trial_config(arm, ArmContext("mnist1d", size, tuned, 0))["schedule"] == RL_BASE_SCHEDULE
 
 

@@ -12,7 +12,6 @@ from ray_metaopt.rl.policy import (
     PolicyNetwork,
     argmax,
     sample_index,
-    signature_mismatch,
     uniform,
 )
 
@@ -57,11 +56,15 @@ def test_from_dict_rejects_unknown_keys_and_round_trips():
     assert cfg.num_wd_actions == 0 and cfg.keep_wd_index is None and cfg.keep_lr_index == 1
 
 
-def test_signature_mismatch_names_the_differing_keys():
-    a = PolicyConfig().signature()
-    b = PolicyConfig(lr_actions=[0.5, 1.0], hidden_size=16, policy_lr=1.0).signature()
-    assert signature_mismatch(a, b) == ["hidden_size", "lr_actions"]
-    assert signature_mismatch(a, PolicyConfig(policy_lr=1.0, seed=5).signature()) == []
+def test_require_compatible_names_the_differing_keys():
+    a = PolicyConfig()
+    b = PolicyConfig(lr_actions=[0.5, 1.0], hidden_size=16, policy_lr=1.0)
+    with pytest.raises(
+        ValueError,
+        match=r"^the file has hidden_size=16 \(here 32\), lr_actions=\[0.5, 1.0\] \(here \[0.5, 1.0, 2.0\]\); fix it$",
+    ):
+        a.require_compatible(b, "the file has", "fix it")
+    a.require_compatible(PolicyConfig(policy_lr=1.0, seed=5).signature(), "x", "y")  # learner-only fields may differ
 
 
 @pytest.mark.parametrize(

@@ -136,16 +136,20 @@ def test_bad_names_list_the_choices():
         meta_search_space("plateau", exclude="patience")
 
 
-def test_register_a_user_space():
-    register_meta_search_space("my_strategy", lambda: {"alpha": tune.uniform(0.0, 1.0)})
-    try:
-        assert 0.0 <= sample_meta_config(meta_search_space("my_strategy"), seed=1)["alpha"] <= 1.0
-    finally:
-        from ray_metaopt.tune import search_space
+def test_register_a_user_space_is_deprecated_and_needs_a_registered_strategy():
+    from ray_metaopt.registry import register_strategy, unregister_strategy
 
-        search_space._SPACES.pop("my_strategy")
-    with pytest.raises(TypeError, match="space_fn="):
-        register_meta_search_space("x", {"alpha": 1})
+    with pytest.warns(DeprecationWarning, match="search_space="), pytest.raises(ValueError, match="my_strategy"):
+        register_meta_search_space("my_strategy", lambda: {"alpha": tune.uniform(0.0, 1.0)})
+    register_strategy("my_strategy", PlateauMetaOptimizer)
+    try:
+        with pytest.warns(DeprecationWarning):
+            register_meta_search_space("my_strategy", lambda: {"alpha": tune.uniform(0.0, 1.0)})
+        assert 0.0 <= sample_meta_config(meta_search_space("my_strategy"), seed=1)["alpha"] <= 1.0
+        with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="space_fn="):
+            register_meta_search_space("my_strategy", {"alpha": 1})
+    finally:
+        unregister_strategy("my_strategy")
 
 
 # --------------------------------------------------------------------------- a real searcher
