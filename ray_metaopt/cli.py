@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .registry import PresetContext, StrategySpec, preset_strategies, strategy_spec
+from .tune.session import add_ray_arguments, init_ray
 
 TASKS = ("teacher_student", "moe", "digits", "sequence", "charlm", "mnist1d", "digits_cnn")
 DEFAULT_STRATEGIES = ("none", "cosine", "plateau", "advanced_plateau", "rl")
@@ -108,17 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to run on ('auto', 'ray://host:10001', 'host:6379'); default: start a local Ray",
-    )
-    ray_group.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    ray_group.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    ray_group.add_argument(
-        "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, whole or fractional (default 0)"
-    )
+    add_ray_arguments(parser.add_argument_group("Ray"))
     exp = parser.add_argument_group("experiment")
     exp.add_argument(
         "--task",
@@ -252,21 +243,12 @@ def build_param_space(args: argparse.Namespace, policy_name: str) -> dict[str, A
     """
     from ray import tune
 
-    from ray_metaopt.tune import default_config
+    from ray_metaopt.tune.search_space import preset_grid
 
     known = strategies()
-    presets = {name: known[name].config(args, policy_name) for name in args.strategy_names}
-    defaults = default_config()
-    keys = sorted({k for preset in presets.values() for k in preset})
-    for preset in presets.values():
-        for key in keys:
-            preset.setdefault(key, defaults[key])
-
-    def lookup(key: str) -> Any:
-        return tune.sample_from(lambda config: presets[config[STRATEGY_KEY]][key])
-
+    grid = preset_grid({name: known[name].config(args, policy_name) for name in args.strategy_names}, STRATEGY_KEY)
     space: dict[str, Any] = {
-        STRATEGY_KEY: tune.grid_search(args.strategy_names),
+        STRATEGY_KEY: grid.pop(STRATEGY_KEY),
         "task": args.task,
         "optimizer": args.optimizer,
         "optimizer_config": {"lr": args.lr, "weight_decay": args.weight_decay},
@@ -281,58 +263,8 @@ def build_param_space(args: argparse.Namespace, policy_name: str) -> dict[str, A
     }
     if args.batch_size is not None:
         space["batch_size"] = args.batch_size
-    for key in keys:
-        space[key] = lookup(key)
+    space.update(grid)  # each strategy's keys (meta, meta_config, schedule...)
     return space
-
-
-_AUTH_HINT = (
-    "ray-metaopt: the Ray cluster at {address} refused this driver (Ray 2.60 token authentication: "
-    "InvalidAuthToken); connect with the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> "
-    "(or ~/.ray/auth_token); see docker/README.md, 'Token authentication'"
-)
-
-
-def _is_auth_refusal(error: BaseException, address: str) -> bool:
-    """Whether ``ray.init(address=...)`` most likely failed for want of an auth token.
-
-    Ray raises a bare ``ConnectionError`` (its ``InvalidAuthToken`` lines go only to the log), so
-    this asks: is token mode off in this driver while something listens at ``address``?
-    """
-    import os
-    import socket
-
-    if "auth" in str(error).lower():
-        return True
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-        return False
-    host, _, port = address.rpartition(":")
-    if address.startswith("ray://") or not host or not port.isdigit():
-        # "auto": Ray found a recorded cluster address but could not talk to it.
-        return address == "auto" and "failed to connect to ray cluster" in str(error).lower()
-    try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _init_ray(args: argparse.Namespace) -> bool:
-    """Connect to ``--address`` or start a local Ray; returns whether this process started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if args.address:
-        try:
-            ray.init(address=args.address)
-        except ConnectionError as e:
-            if _is_auth_refusal(e, args.address):
-                raise SystemExit(_AUTH_HINT.format(address=args.address)) from None
-            raise
-    else:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    return True
 
 
 def _error_summary(error: BaseException) -> str:
@@ -513,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
     uses_rl = any(_uses_rl(n) for n in args.strategy_names)
     policy_name = args.policy_name or f"ray_metaopt_cli_{uuid.uuid4().hex[:8]}"
 
-    started_ray = _init_ray(args)
+    started_ray = init_ray(args.address, args.num_cpus)
     try:
         callback = MetaOptCallback(
             policy_name=policy_name if uses_rl else None,

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from .analysis import analyze
 from .arms import SUITE_SIZES, SuiteSize, arms_for, lrs_for
 from .report import command_line, machine_info, render_report
+from ..tune.session import add_ray_arguments, init_ray
 from .runner import SuiteRun, TrialRecord, run_suite
 
 RESULTS_JSON = "results.json"
@@ -75,12 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=None, help="number of evaluation seeds (default: the size's, 5 quick / 10 full)")
     parser.add_argument("--output", default="benchmarks", help="directory for RESULTS.md, PNGs, results.json (default ./benchmarks)")
     parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to run on ('auto', 'host:6379'); default: start a local Ray. On several nodes, pass a "
-        "--storage-path every node can read (the trained policy is saved there).",
-    )
-    parser.add_argument(
         "--rl-reward", choices=("own", "paired"), default=None,
         help="RL training reward: 'own' (the episode's log-loss drops) or 'paired' (against its base schedule "
         "run first at the same seed: twice the training steps); default: the size's",
@@ -89,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rl-policy", nargs="+", default=None, metavar="KEY=VALUE",
         help="override the RL arms' policy settings (RLMetaOptimizer arguments), e.g. gamma=1.0 return_horizon=100",
     )
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    parser.add_argument(
-        "--gpus-per-trial", type=float, default=None,
-        help="GPUs per trial (default: the size's, 0.25 in the full size, when the cluster has GPUs; 0 otherwise)",
+    add_ray_arguments(
+        parser,
+        address_help="Ray cluster to run on ('auto', 'host:6379'); default: start a local Ray. On several nodes, "
+        "pass a --storage-path every node can read (the trained policy is saved there).",
+        gpus_default=None,
+        gpus_help="GPUs per trial (default: the size's, 0.25 in the full size, when the cluster has GPUs; 0 otherwise)",
     )
     parser.add_argument("--storage-path", default=None, help="Tune storage_path (default: a temporary directory, removed after)")
     parser.add_argument("--keep-tune-dir", action="store_true", help="keep the temporary Tune directory")
@@ -226,13 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    started_ray = False
-    if not ray.is_initialized():
-        if args.address:
-            ray.init(address=args.address, log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-        started_ray = True
+    started_ray = init_ray(args.address, args.num_cpus, log_to_driver=False)
     temporary = args.storage_path is None
     storage = args.storage_path or tempfile.mkdtemp(prefix="ray_metaopt_bench_")
     try:

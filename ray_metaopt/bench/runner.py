@@ -183,17 +183,9 @@ def _trial_name(trial: Any) -> str:
 
 def grid_space(configs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """A Tune ``param_space`` that runs exactly ``configs``, one trial each, in order."""
-    from ray import tune
+    from ..tune.search_space import preset_grid
 
-    from ..tune import default_config
-
-    defaults = default_config()
-    keys = sorted({k for c in configs for k in c})
-    table = [{k: c.get(k, defaults.get(k)) for k in keys} for c in configs]
-    space: dict[str, Any] = {"_index": tune.grid_search(list(range(len(table))))}
-    for key in keys:
-        space[key] = tune.sample_from(lambda config, key=key: table[config["_index"]][key])
-    return space
+    return preset_grid(dict(enumerate(configs)), "_index")
 
 
 @dataclass

@@ -205,6 +205,26 @@ def meta_search_space(
     return space
 
 
+def preset_grid(presets: Mapping[Any, Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """A ``param_space`` that grid-searches ``key`` over the names of ``presets`` (in order), each
+    trial getting its preset's config keys; a key some presets set and others do not gets the
+    provided trainable's default in the others.
+
+    Example:
+        >>> space = preset_grid({"plain": {"meta": "none"}, "plateau": {"meta": "plateau"}}, "_strategy")
+        >>> tune.Tuner(metaopt_trainable, param_space={**space, "seed": tune.grid_search([0, 1])})  # 4 trials
+    """
+    from .builders import default_config
+
+    defaults = default_config()
+    keys = sorted({k for preset in presets.values() for k in preset})
+    table = {name: {k: preset.get(k, defaults.get(k)) for k in keys} for name, preset in presets.items()}
+    space: dict[str, Any] = {key: tune.grid_search(list(table))}
+    for k in keys:
+        space[k] = tune.sample_from(lambda config, k=k: table[config[key]][k])
+    return space
+
+
 def sample_meta_config(space: Mapping[str, Any], *, seed: int | None = None) -> dict[str, Any]:
     """Draw one concrete ``meta_config`` from ``space`` with Tune's own samplers.
 
