@@ -65,6 +65,8 @@ from ..metrics import to_float
 from ..wrapper import OptimizerWrapper
 
 CHECKPOINT_FILE = "metaopt_state.pt"
+# Why a trial ended ("" while it runs): the trainable, MetaStopper and MetaAwareScheduler write it.
+STOP_REASON_KEY = "stop_reason"
 REPORTER_FILE = "metaopt_reporter.json"  # written by report_metrics next to a checkpoint
 _FORMAT = 1
 

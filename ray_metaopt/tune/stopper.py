@@ -32,9 +32,8 @@ from typing import Any
 from ray.tune.stopper import Stopper
 
 from .._validation import check_choice, check_int, check_range
+from .reporting import STOP_REASON_KEY
 
-#: Result key that says why a trial ended ("" while it runs).
-STOP_REASON_KEY = "stop_reason"
 DEFAULT_METRIC, DEFAULT_MODE = "val_loss", "min"
 
 

@@ -24,8 +24,7 @@ from .builders import (
     resolve_config,
     trial_meta_defaults,
 )
-from .reporting import MetricsReporter, load_checkpoint, reporter_for, save_checkpoint, tune_result
-from .stopper import STOP_REASON_KEY
+from .reporting import STOP_REASON_KEY, MetricsReporter, load_checkpoint, reporter_for, save_checkpoint, tune_result
 from .tasks import make_task
 
 ReportFn = Callable[[dict, "str | None"], None]

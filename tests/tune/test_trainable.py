@@ -652,3 +652,24 @@ def test_paired_reference_refuses_a_base_schedule_other_than_the_trials_own():
     config = _config(meta="rl", meta_config={"update_frequency": 10, "base_schedule": "cosine"}, paired_reference=True)
     with pytest.raises(ValueError, match="got meta_config base_schedule='cosine'; use schedule='cosine' with base_schedule=None"):
         TrainingRun(config)
+
+
+def test_a_training_run_needs_no_ray(tmp_path):
+    # The training layer (TrainingRun, builders, tasks, checkpoint files) imports and runs with Ray
+    # unavailable; only the Tune adapters (the trainable's report call, callbacks, stopper) need it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from ray_metaopt.tune import TrainingRun\n"
+        "config = {'task': 'teacher_student', 'meta': 'plateau', 'max_steps': 40, 'eval_interval': 20}\n"
+        "run = TrainingRun(config); seen = []\n"
+        "run.train(lambda m, c: seen.append(m['val_loss']))\n"
+        f"run.save({str(tmp_path)!r})\n"
+        f"again = TrainingRun(config); again.restore({str(tmp_path)!r})\n"
+        "assert again.step == run.step == 40 and len(seen) == 2, (again.step, seen)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
