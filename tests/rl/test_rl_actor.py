@@ -120,7 +120,7 @@ def test_checkpoint_and_restore(tmp_path):
     w1, w2 = actor.learner.weights(), again.learner.weights()
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
-    with pytest.raises(ValueError, match="different"):
+    with pytest.raises(ValueError, match=r"was written by a policy with lr_actions=\[0.5, 1.0, 2.0\] \(here \[0.5, 2.0\]\)"):
         PolicyActor("c", {"lr_actions": [0.5, 2.0]}, checkpoint_uri=str(tmp_path))
 
 
