@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from .base import MetaOptimizer
 
@@ -281,13 +281,14 @@ def preset_strategies(*, task: str | None = None, family: str | None = None) -> 
     ]
 
 
-def _no_preset(ctx: PresetContext) -> Mapping[str, Any]:
+def _defaults_only(ctx: PresetContext) -> dict[str, Any]:
+    """A preset that sets nothing: the strategy at the trainable's defaults."""
     return {}
 
 
 for _entry in (
     StrategySpec("none", "ray_metaopt.tune.builders:FixedHyperparameters",
-                 "the optimizer alone (constant lr): the baseline", family="baseline", preset=_no_preset),
+                 "the optimizer alone (constant lr): the baseline", family="baseline", preset=_defaults_only),
     StrategySpec("plateau", "ray_metaopt.plateau:PlateauMetaOptimizer",
                  "PlateauMetaOptimizer: lr x0.5 when val_loss has not improved for `patience` evaluations", monitor="val_loss",
                  search_space=f"{_SPACES}:plateau_space", preset=_plateau_preset),
@@ -297,7 +298,7 @@ for _entry in (
                  preset=_advanced_plateau_preset),
     StrategySpec("expert_gate", "ray_metaopt.expert_gate:ExpertGateMetaOptimizer",
                  "ExpertGateMetaOptimizer: separate gate/expert lrs (MoE task only)",
-                 search_space=f"{_SPACES}:expert_gate_space", preset=_no_preset, tasks=("moe",)),
+                 search_space=f"{_SPACES}:expert_gate_space", preset=_defaults_only, tasks=("moe",)),
     StrategySpec("smart_expert_gate", "ray_metaopt.expert_gate:SmartExpertGateMetaOptimizer",
                  "SmartExpertGateMetaOptimizer: entropy/sparsity/specialization (MoE task only)",
                  search_space=f"{_SPACES}:smart_expert_gate_space", preset=_smart_expert_gate_preset,
