@@ -17,6 +17,7 @@ Tasks (all generated in-process or shipped with scikit-learn; no download):
   of 800 steps: the minibatch noise of a too-large lr is all that is left, so a cut should help.
 - ``moe`` (gate strategies): ``TinyMoE`` (4 experts, top-1) on a mixture of 4 linear teachers,
   ``moe_param_groups``, ``routing_metrics`` every step.
+- ``moe_collapsed``: the same with a router that starts collapsed onto one expert.
 
 Run:
     python benchmarks/seed_usage.py                      # evaluation seeds (the reported table)
@@ -26,7 +27,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -206,7 +206,20 @@ class MoETask(Task):
         return F.mse_loss(model(x)[0], y)
 
 
+class CollapsedMoETask(MoETask):
+    """``MoETask`` with a router that starts collapsed: a +4 bias on expert 0 sends (nearly) every
+    token there, and top-1 routing gives the other experts no gradient until tokens reach them.
+    The misbehaving router the entropy rule claims to help (low entropy: raise the gate lr)."""
+
+    def model(self):
+        model = super().model()
+        with torch.no_grad():
+            model.gate.bias[0] += 4.0
+        return model
+
+
 TASKS = {"regression": Regression, "digits": Digits, "sequence": Sequence, "flat": Flat}
+GATE_TASKS = {"moe": MoETask, "moe_collapsed": CollapsedMoETask}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -263,7 +276,7 @@ def bench(task_name: str, task_cls, arms: dict, seeds, moe: bool = False) -> lis
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS))
-    parser.add_argument("--tasks", nargs="+", default=[*TASKS, "moe"])
+    parser.add_argument("--tasks", nargs="+", default=[*TASKS, *GATE_TASKS])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
@@ -271,8 +284,8 @@ def main(argv=None) -> int:
     print("| task | strategy (seed's call) | unwrapped loss | wrapped loss | median ratio | range | cuts | final lr |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.tasks:
-        if name == "moe":
-            bench("moe", MoETask, GATE_ARMS, args.seeds, moe=True)
+        if name in GATE_TASKS:
+            bench(name, GATE_TASKS[name], GATE_ARMS, args.seeds, moe=True)
         else:
             bench(name, TASKS[name], LOSS_ARMS, args.seeds)
     print(f"total {time.time() - t0:.0f} s")

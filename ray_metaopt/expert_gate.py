@@ -30,6 +30,12 @@ first scheduled decision at step ``update_frequency - 1``). They multiply the lr
 built with, so do not also scale those lrs in the groups (e.g. ``moe_param_groups(gate_lr=...)``)
 unless you want both.
 
+Smoothing: the routing criteria read the mean of each routing metric over the last
+``metric_window`` decisions where it was given (default :func:`default_metric_window`: about 50
+steps of data, so one decision per step averages 50 batches and one decision per 50 or more steps
+reads the value as given). The provided Tune trainable passes ``metric_window=1``: it decides at
+evaluations, where its criteria keep the values as reported.
+
 Missing metrics: a routing criterion whose metric is absent at a decision is skipped for that
 decision (its scale and reference values stay as they are); the other criteria and the
 loss-based plateau rule still run (the plateau rule, when enabled, needs its ``monitor`` metric at
@@ -57,6 +63,20 @@ _EXPERT_ROLES = ("expert",)
 
 # Bookkeeping of what was applied to the optimizer; survives reset() (see reset()).
 _BOOKKEEPING = ("initialised", "group_kinds", "applied_lr", "applied_wd")
+
+# The routing metrics the criteria read; each is averaged over the last ``metric_window`` decisions.
+ROUTING_METRICS = ("routing_entropy", "routing_sparsity", "load_violation", "expert_specialization")
+SMOOTHING_STEPS = 50
+
+
+def default_metric_window(update_frequency: int) -> int:
+    """Decisions averaged by the routing criteria: ``ceil(50 / update_frequency)`` (1 from 50 steps on).
+
+    Per-batch routing statistics of a 32-token batch move by several hundredths from one step to
+    the next, the size of ``specialization_tolerance``; about 50 steps of data per mean keep the
+    criteria from reacting to that (``benchmarks/seed_usage.py``, development seeds).
+    """
+    return max(1, math.ceil(SMOOTHING_STEPS / update_frequency))
 
 
 def _positive(name: str, value: Any) -> float:
@@ -127,6 +147,11 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         plateau_threshold: relative improvement that resets the plateau count (>= 0).
         cooldown: decisions after a cut that are not counted (>= 0).
         monitor: the metric the plateau rule watches.
+        collapse_load: when ``load_violation`` is in the metrics, low entropy raises the gate lr
+            only while ``load_violation > collapse_load`` (>= 0): confident routing spread over
+            the experts is specialization, not collapse. ``None``: entropy alone decides.
+        metric_window: decisions over which each routing metric is averaged before the criteria
+            read it (>= 1), or ``None`` for :func:`default_metric_window` of ``update_frequency``.
         update_frequency, min_lr, max_lr, max_weight_decay, adaptive_frequency: see
             :class:`~ray_metaopt.MetaOptimizer`.
 
@@ -148,6 +173,7 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         "best",
         "num_bad_decisions",
         "cooldown_counter",
+        "routing_recent",
     )
 
     def __init__(
@@ -167,6 +193,8 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         plateau_threshold: float = 1e-4,
         cooldown: int = 0,
         monitor: str = "loss",
+        collapse_load: float | None = 1.0,
+        metric_window: int | None = None,
         update_frequency: int = 1,
         min_lr: BoundSpec = 0.0,
         max_lr: BoundSpec = None,
@@ -200,6 +228,12 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         if not isinstance(monitor, str) or not monitor:
             raise TypeError(f"monitor must be a metric name (non-empty str), got monitor={monitor!r}")
         self.monitor = monitor
+        self.collapse_load = _optional(
+            check_range, "collapse_load", collapse_load, 0.0, math.inf, high_open=True
+        )
+        if metric_window is None:
+            metric_window = default_metric_window(self.update_frequency)
+        self.metric_window = check_int("metric_window", metric_window, minimum=1)
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -213,6 +247,7 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         self.best = math.inf
         self.num_bad_decisions = 0
         self.cooldown_counter = 0
+        self.routing_recent: dict[str, list[float]] = {}
 
     def reset(self) -> None:
         """Forget what was learned from metrics: scales return to 1 and the plateau count restarts.
@@ -317,15 +352,29 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         self.initialised = True
         notes = self._track_groups(groups)
         reasons: dict[str, list[str]] = {GATE: [], EXPERT: [], "all": [], "gate_wd": []}
-        self._update_scales(metrics, step, reasons)
+        self._update_scales(self._smoothed(metrics), step, reasons)
         return self._proposals(groups, notes, reasons)
+
+    def _smoothed(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """``metrics`` with each routing metric replaced by its mean over the last ``metric_window``."""
+        smoothed = dict(metrics)
+        for key in ROUTING_METRICS:
+            if key in metrics:
+                recent = self.routing_recent.setdefault(key, [])
+                recent.append(float(metrics[key]))
+                del recent[: -self.metric_window]
+                smoothed[key] = sum(recent) / len(recent)
+        return smoothed
 
     def _gate_votes(self, metrics: Mapping[str, float]) -> list[tuple[int, str]]:
         """(+1 raise / -1 lower, reason) for the gate scale; absent metrics give no vote."""
         entropy = metrics.get("routing_entropy")
         if entropy is None:
             return []
-        if entropy < self.entropy_threshold:
+        load = metrics.get("load_violation")
+        if entropy < self.entropy_threshold and (
+            self.collapse_load is None or load is None or load > self.collapse_load
+        ):
             return [
                 (1, f"routing_entropy={_fmt(entropy)} < entropy_threshold={_fmt(self.entropy_threshold)}: "
                     "raise gate lr (collapsing router, explore)")
@@ -402,7 +451,7 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         return (
             f"{type(self).__name__}(gate_lr_factor={self.gate_lr_factor}, "
             f"expert_lr_factor={self.expert_lr_factor}, entropy_threshold={self.entropy_threshold}, "
-            f"update_frequency={self.update_frequency})"
+            f"metric_window={self.metric_window}, update_frequency={self.update_frequency})"
         )
 
 

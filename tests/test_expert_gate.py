@@ -99,6 +99,7 @@ ENTROPY_TABLE = [
 
 def test_entropy_rule_table():
     meta = ExpertGateMetaOptimizer(
+        metric_window=1,
         gate_lr_factor=0.1, expert_lr_factor=2.0, entropy_threshold=0.3, entropy_band=0.5,
         adjustment_rate=0.5, min_gate_scale=0.5, max_gate_scale=2.0, update_frequency=2,
     )
@@ -133,7 +134,7 @@ def test_factors_apply_before_the_first_optimizer_step_and_schedule_is_kept():
 
 
 def test_min_and_max_lr_from_the_base_class_clamp_every_gate_group():
-    meta = ExpertGateMetaOptimizer(gate_lr_factor=1.0, adjustment_rate=1.0, max_gate_scale=100.0,
+    meta = ExpertGateMetaOptimizer(metric_window=1, gate_lr_factor=1.0, adjustment_rate=1.0, max_gate_scale=100.0,
                                    max_lr={"gate": 0.03, "default": 1.0}, min_lr=0.004)
     table = [
         (0, {"routing_entropy": 0.0}, {"gate": 0.02, "gate_no_decay": 0.02, "expert": LR}),
@@ -178,9 +179,82 @@ def test_plateau_rule_needs_its_monitor():
         train_step(model, opt, {"loss": 1.0}, 0)
 
 
+# --------------------------------------------------------------------------- smoothing of routing metrics
+def _gate_scale(opt):
+    return opt.param_groups[0]["lr"] / LR
+
+
+def test_default_window_is_about_fifty_steps_of_data():
+    from ray_metaopt.expert_gate import default_metric_window
+
+    assert [default_metric_window(f) for f in (1, 2, 7, 50, 200)] == [50, 25, 8, 1, 1]
+    assert ExpertGateMetaOptimizer().metric_window == 50
+    assert ExpertGateMetaOptimizer(update_frequency=10).metric_window == 5
+
+
+@pytest.mark.parametrize("load, raised", [(0.2, False), (1.5, True), (None, True)])
+def test_low_entropy_is_a_collapse_only_with_an_overloaded_expert(load, raised):
+    meta = ExpertGateMetaOptimizer(metric_window=1)
+    model, opt = make(meta)
+    metrics = {"loss": 1.0, "routing_entropy": 0.1} | ({} if load is None else {"load_violation": load})
+    for step in range(3):
+        train_step(model, opt, metrics, step)
+    assert _gate_scale(opt) == pytest.approx(1.1**3 if raised else 1.0)  # a decision at every step
+    strict = ExpertGateMetaOptimizer(metric_window=1, collapse_load=None)
+    model, opt = make(strict)
+    for step in range(3):
+        train_step(model, opt, metrics, step)
+    assert _gate_scale(opt) == pytest.approx(1.1**3)
+
+
+def test_per_batch_dips_below_the_threshold_do_not_move_the_gate_lr():
+    # A healthy router whose per-batch entropy alternates 0.2 / 0.5 (mean 0.35, above the 0.3
+    # threshold): the strict rule raises the gate lr at every low batch, the default window never.
+    stream = [{"loss": 1.0, "routing_entropy": 0.2 if step % 2 else 0.5} for step in range(200)]
+    scales = {}
+    for window in (1, None):
+        model, opt = make(ExpertGateMetaOptimizer(metric_window=window))
+        for step, metrics in enumerate(stream):
+            train_step(model, opt, metrics, step)
+        scales[window] = _gate_scale(opt)
+    assert scales[1] == pytest.approx(4.0)  # raised to max_gate_scale
+    assert scales[None] == pytest.approx(1.0)
+
+
+def test_a_sustained_collapse_still_raises_the_gate_lr_within_the_window():
+    meta = ExpertGateMetaOptimizer()
+    model, opt = make(meta)
+    for step in range(60):
+        train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.5}, step)
+    assert _gate_scale(opt) == pytest.approx(1.0)
+    raised = None
+    for step in range(60, 160):
+        train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.05}, step)
+        if raised is None and _gate_scale(opt) > 1.0:
+            raised = step
+    # the 50-decision mean crosses 0.3 once 22 of its values are 0.05: (28 * 0.5 + 22 * 0.05) / 50 = 0.302
+    assert raised == 60 + 22
+    assert _gate_scale(opt) == pytest.approx(4.0)
+
+
+def test_smoothing_state_resumes_and_resets():
+    meta = SmartExpertGateMetaOptimizer(metric_window=3)
+    model, opt = make(meta)
+    for step, value in enumerate((0.9, 0.1, 0.2, 0.4)):
+        train_step(model, opt, {"loss": 1.0, "routing_entropy": value, "load_violation": 0.0}, step)
+    state = meta.state_dict()
+    assert state["state"]["routing_recent"] == {"routing_entropy": [0.1, 0.2, 0.4], "load_violation": [0.0, 0.0, 0.0]}
+    copy = SmartExpertGateMetaOptimizer(metric_window=3)
+    copy.load_state_dict(state)
+    assert copy.routing_recent == meta.routing_recent
+    meta.reset()
+    assert meta.routing_recent == {}
+
+
 # --------------------------------------------------------------------------- Smart: sparsity -> gate wd
 def _smart(**kwargs):
-    base = dict(gate_lr_factor=1.0, sparsity_target=None, specialization_bonus=1.0, load_threshold=None)
+    # The rule tables give one value per decision as it is read (metric_window=1; smoothing is tested apart).
+    base = dict(gate_lr_factor=1.0, sparsity_target=None, specialization_bonus=1.0, load_threshold=None, metric_window=1)
     base.update(kwargs)
     return SmartExpertGateMetaOptimizer(**base)
 
@@ -261,13 +335,17 @@ def test_seed_example_constructs_and_runs():
     train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.5, "routing_sparsity": 0.1,
                             "load_violation": 0.0, "expert_specialization": 0.1}, 0)
     g = by_name(opt)
-    assert g["gate"] == pytest.approx(LR * 0.1 * 1.1) and g["expert"] == LR
+    assert g["gate"] == pytest.approx(LR * 0.1) and g["expert"] == LR  # balanced: not a collapse
     assert by_name(opt, "weight_decay")["gate"] == pytest.approx(WD / 1.1)
+    train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.5, "routing_sparsity": 0.1,
+                            "load_violation": 3.0, "expert_specialization": 0.1}, 1)
+    # mean load_violation over the window 1.5 > 1: low entropy and overload both raise
+    assert by_name(opt)["gate"] == pytest.approx(LR * 0.1 * 1.1**2)
 
 
 # --------------------------------------------------------------------------- dynamic groups
 def test_groups_added_or_changed_during_training():
-    meta = SmartExpertGateMetaOptimizer(gate_lr_factor=0.1, expert_lr_factor=2.0, entropy_threshold=0.3,
+    meta = SmartExpertGateMetaOptimizer(metric_window=1, gate_lr_factor=0.1, expert_lr_factor=2.0, entropy_threshold=0.3,
                                         specialization_bonus=1.5, sparsity_target=None, load_threshold=None,
                                         adjustment_rate=0.5, update_frequency=2)
     model, opt = make(meta)
@@ -359,7 +437,7 @@ def test_group_with_zero_lr_catches_up_when_positive():
 
 # --------------------------------------------------------------------------- scheduler composition
 def test_entropy_changes_compose_with_an_attached_cosine_schedule():
-    meta = ExpertGateMetaOptimizer(gate_lr_factor=0.1, entropy_threshold=0.3, adjustment_rate=0.5,
+    meta = ExpertGateMetaOptimizer(metric_window=1, gate_lr_factor=0.1, entropy_threshold=0.3, adjustment_rate=0.5,
                                    max_gate_scale=2.0)
     model, opt = make(meta)
     sched = opt.attach_scheduler(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20))
@@ -491,22 +569,27 @@ def test_real_training_routing_metrics_drive_the_gate_lr_as_documented(load_thre
     """TinyMoE on 4 clustered regression tasks, seed configuration, metrics from the real router logits.
 
     The gate lr is checked at every step against the documented rule replayed on the recorded
-    metrics: at each decision, scale *= 1.1 ** vote (entropy < 0.8: +1, entropy > 0.8 + 0.65:
-    -1, load_violation > load_threshold: +1), clamped to [0.25, 4].
+    metrics: at each decision, with each metric averaged over the last ``metric_window`` (10)
+    decisions, scale *= 1.1 ** vote (entropy < 0.8 with load_violation > 1: +1, entropy > 0.8 +
+    0.65: -1, load_violation > load_threshold: +1), clamped to [0.25, 4].
     """
     torch.manual_seed(0)
     model = TinyMoE(8, 32, 3, num_experts=4, top_k=1)
     meta = seed_smart(update_frequency=5, load_threshold=load_threshold)
     opt = OptimizerWrapper(torch.optim.AdamW(moe_param_groups(model, lr=3e-3, verbose=False)), meta)
     gate_lr0 = 3e-3 * 0.1
-    scale, history = 1.0, []
+    scale, history, smoothed_entropy = 1.0, [], []
     for step in range(300):
         metrics, _ = real_step(model, opt, step)
         history.append(metrics)
         if step % 5 == 4:
-            vote = (metrics["routing_entropy"] < 0.8) - (metrics["routing_entropy"] > 1.45)
+            seen = history[4::5][-meta.metric_window:]
+            entropy = sum(m["routing_entropy"] for m in seen) / len(seen)
+            load = sum(m["load_violation"] for m in seen) / len(seen)
+            smoothed_entropy.append((step, entropy))
+            vote = (entropy < 0.8 and load > 1.0) - (entropy > 1.45)  # collapse_load=1.0
             if load_threshold is not None:
-                vote += metrics["load_violation"] > load_threshold
+                vote += load > load_threshold
             scale = min(max(scale * 1.1**vote, 0.25), 4.0)
         assert opt.param_groups[0]["lr"] == pytest.approx(gate_lr0 * scale, rel=1e-9), (step, metrics)
         assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
@@ -514,7 +597,7 @@ def test_real_training_routing_metrics_drive_the_gate_lr_as_documented(load_thre
     assert len(gate_decisions) >= 4 and scale > 1.0
     if load_threshold is None:
         # the router learned: entropy fell below the threshold late in training and raised the gate lr
-        first_low = next(i for i, m in enumerate(history) if i % 5 == 4 and m["routing_entropy"] < 0.8)
+        first_low = next(step for step, entropy in smoothed_entropy if entropy < 0.8)
         assert 100 < first_low < 300
         assert all("< entropy_threshold=0.8: raise gate lr" in d.reason for d in gate_decisions[1:])
         assert gate_decisions[1].step == first_low
@@ -580,6 +663,9 @@ BAD_ARGS = [
     (ExpertGateMetaOptimizer, {"plateau_threshold": -1e-4}, ValueError, "plateau_threshold must be in [0, inf)"),
     (ExpertGateMetaOptimizer, {"cooldown": -1}, ValueError, "cooldown must be >= 0, got cooldown=-1"),
     (ExpertGateMetaOptimizer, {"monitor": ""}, TypeError, "monitor must be a metric name (non-empty str), got monitor=''"),
+    (ExpertGateMetaOptimizer, {"collapse_load": -0.5}, ValueError, "collapse_load must be in [0, inf), got collapse_load=-0.5"),
+    (ExpertGateMetaOptimizer, {"metric_window": 0}, ValueError, "metric_window must be >= 1, got metric_window=0"),
+    (ExpertGateMetaOptimizer, {"metric_window": 2.0}, TypeError, "metric_window must be an int, got metric_window=2.0"),
     (ExpertGateMetaOptimizer, {"update_frequency": 0}, ValueError, "update_frequency must be >= 1, got update_frequency=0"),
     (ExpertGateMetaOptimizer, {"min_lr": -1.0}, ValueError, "min_lr must be in [0, inf], got min_lr=-1.0"),
     (SmartExpertGateMetaOptimizer, {"sparsity_target": 1.2}, ValueError, "sparsity_target must be in [0, 1], got sparsity_target=1.2"),

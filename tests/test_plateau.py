@@ -300,13 +300,31 @@ def test_warmup_ramp_then_regular_decisions(case):
 
 
 def test_warmup_steps_need_no_metric_but_regular_decisions_do():
-    meta = AdvancedPlateauMetaOptimizer(warmup_steps=3, update_frequency=4, monitor="val_loss")
+    meta = AdvancedPlateauMetaOptimizer(warmup_steps=3, warmup_start_factor=0.1, update_frequency=4, monitor="val_loss")
     model, opt = build(meta)
     lrs, _ = run(model, opt, [{"loss": 1.0}] * 3 + [{"loss": 1.0, "val_loss": 2.0}])
     assert column(lrs) == approx([0.01, 0.04, 0.07, 0.1])
     run(model, opt, [{"loss": 1.0}] * 3, steps=[4, 5, 6])  # not decision steps
     with pytest.raises(KeyError, match="needs metric 'val_loss'"):
         opt.update_hyperparameters({"loss": 1.0}, step=7)
+
+
+def test_default_warmup_is_a_grace_period_that_touches_no_lr():
+    # warmup_start_factor=1 (default): before warmup_steps the lr is left alone (an attached
+    # schedule keeps its values), only grid steps read metrics, and a missing metric at the first
+    # real decision raises without ending the grace period.
+    meta = AdvancedPlateauMetaOptimizer(warmup_steps=5, update_frequency=2, patience=0, lr_factor=0.5, trend_window=2,
+                                        monitor="val_loss")
+    assert [s for s in range(8) if meta.should_update(s)] == [1, 3, 5, 7]
+    model, opt = build(meta)
+    lrs, _ = run(model, opt, [{"val_loss": 1.0 + s} for s in range(4)] + [{"loss": 1.0}])  # rising, no cut
+    assert column(lrs) == approx([0.1] * 5) and opt.decisions == []
+    with pytest.raises(KeyError, match="needs metric 'val_loss'"):
+        opt.update_hyperparameters({"loss": 1.0}, step=5)
+    assert meta.warmup_done is False
+    run(model, opt, [{"val_loss": 3.0}, {"val_loss": 3.0}, {"val_loss": 4.0}], steps=[5, 6, 7])
+    assert meta.warmup_done is True
+    assert [d.step for d in opt.decisions] == [7] and opt.param_groups[0]["lr"] == approx(0.05)
 
 
 def test_warmup_respects_group_lrs_selection_and_bounds():
@@ -976,11 +994,11 @@ def test_noise_aware_auto_follows_the_monitor(monitor, expected):
 
 def test_trainable_defaults_keep_the_strict_rule():
     # The provided trainable decides at evaluations on val_loss: exact values, torch's rule.
-    from ray_metaopt.tune.builders import trial_meta_defaults
+    from ray_metaopt.tune.builders import build_meta_optimizer, trial_meta_defaults
 
     for name, cls in (("plateau", plateau.PlateauMetaOptimizer), ("advanced_plateau", NOISY_CLASSES[1])):
-        meta = cls(**trial_meta_defaults(name, 20))
-        assert meta.noise_aware is False and meta.monitor == "val_loss"
+        meta = build_meta_optimizer(name, {}, defaults=trial_meta_defaults(name, 20))
+        assert type(meta) is cls and meta.noise_aware is False and meta.monitor == "val_loss"
 
 
 @pytest.mark.parametrize(

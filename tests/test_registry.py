@@ -76,7 +76,8 @@ def test_a_registered_strategy_reaches_the_trainable(toy):
     from ray_metaopt.tune.builders import trial_meta_defaults
 
     assert "halve_on_rise" in available_strategies()
-    assert trial_meta_defaults("halve_on_rise", 10) == {"update_frequency": 10, "monitor": "val_loss"}
+    assert trial_meta_defaults("halve_on_rise", 10) == {
+        "update_frequency": 10, "metric_window": 1, "monitor": "val_loss"}
     config = {"task": "teacher_student", "meta": "halve_on_rise", "max_steps": 60, "eval_interval": 10,
               "optimizer_config": {"lr": 0.3}, "seed": 0}
     run = TrainingRun(config)

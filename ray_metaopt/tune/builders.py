@@ -256,9 +256,11 @@ def trial_meta_defaults(meta: Any, eval_interval: int) -> dict[str, Any]:
     known, and a strategy registered with ``monitor="val_loss"`` (the plateau strategies) watches
     ``val_loss``: torch's ``ReduceLROnPlateau`` used per
     epoch on the validation loss, instead of a per-step rule on the noisy minibatch loss (which
-    rarely beats its luckiest batch and so cuts the lr every ``patience`` steps).
+    rarely beats its luckiest batch and so cuts the lr every ``patience`` steps). Strategies that
+    average their metrics over recent decisions (the expert/gate ones, ``metric_window``) read
+    each evaluation's values as given.
     """
-    defaults: dict[str, Any] = {"update_frequency": eval_interval}
+    defaults: dict[str, Any] = {"update_frequency": eval_interval, "metric_window": 1}
     monitor = default_monitor(meta)
     if monitor is not None:
         defaults["monitor"] = monitor

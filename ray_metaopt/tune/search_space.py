@@ -54,6 +54,7 @@ def advanced_plateau_space() -> dict[str, Any]:
             "grad_norm_threshold": tune.loguniform(1.0, 100.0),
             "weight_decay_factor": tune.uniform(1.05, 2.0),
             "warmup_steps": tune.choice([0, 10, 50, 100]),
+            "warmup_start_factor": tune.choice([0.1, 1.0]),  # an lr ramp, or only a grace period
             "trend_window": tune.randint(3, 11),
             "criteria": tune.choice(["all", "any"]),
         }
