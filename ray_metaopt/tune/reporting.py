@@ -244,7 +244,13 @@ _REPORTERS: "weakref.WeakKeyDictionary[OptimizerWrapper, MetricsReporter]" = wea
 
 
 def reporter_for(wrapper: OptimizerWrapper, *, prefix: str | None = None) -> MetricsReporter:
-    """The :class:`MetricsReporter` that :func:`report_metrics` uses for ``wrapper`` (made on first use)."""
+    """The :class:`MetricsReporter` that :func:`report_metrics` keeps for ``wrapper`` (made on first use).
+
+    The function-style helpers (:func:`wrap_optimizer`, :func:`report_metrics`,
+    :func:`restore_from_tune`) need a reporter that lives as long as the wrapper without the caller
+    holding it; a caller that holds its own passes it as ``reporter=`` instead.
+    :func:`save_checkpoint` never reads this map.
+    """
     reporter = _REPORTERS.get(wrapper)
     if reporter is None:
         reporter = _REPORTERS[wrapper] = MetricsReporter(wrapper, prefix=prefix)
@@ -270,6 +276,7 @@ def report_metrics(
     metrics: Mapping[str, Any],
     checkpoint_dir: str | os.PathLike | None = None,
     *,
+    reporter: MetricsReporter | None = None,
     report: bool = True,
 ) -> dict[str, Any]:
     """Report ``metrics`` plus the meta-optimizer's view to Tune (``ray.tune.report``).
@@ -279,7 +286,9 @@ def report_metrics(
         metrics: at least ``step``, ``train_loss`` and ``val_loss``; any other keys are passed
             through unchanged (numbers or one-element tensors, which are read here).
         checkpoint_dir: a directory to report as the trial's checkpoint (e.g. filled by
-            :func:`save_checkpoint` inside a ``tempfile.TemporaryDirectory()``).
+            :func:`save_checkpoint` inside a ``tempfile.TemporaryDirectory()``). The reporter's
+            state after this report is written there (``REPORTER_FILE``), its only copy.
+        reporter: the reporter to use; default :func:`reporter_for` ``(wrapper)``.
         report: ``False`` builds and returns the dict without calling Tune (for tests/logging).
 
     Returns:
@@ -291,7 +300,7 @@ def report_metrics(
     missing = [k for k in ("step", "train_loss", "val_loss") if k not in metrics]
     if missing:
         raise ValueError(f"metrics must contain 'step', 'train_loss' and 'val_loss'; missing {missing}")
-    reporter = reporter_for(wrapper)
+    reporter = reporter_for(wrapper) if reporter is None else reporter
     extras = {k: v for k, v in metrics.items() if k not in ("step", "train_loss", "val_loss", "diverged")}
     result = reporter.metrics(
         step=int(metrics["step"]),
@@ -333,6 +342,7 @@ def save_checkpoint(
     *,
     hparams: Mapping[str, Any] | None = None,
     schedulers: Sequence[Any] = (),
+    reporter: MetricsReporter | None = None,
     **extra: Any,
 ) -> str:
     """Write model, optimizer (with meta-optimizer and wrapper state) and ``extra`` to ``directory``.
@@ -346,12 +356,14 @@ def save_checkpoint(
         hparams: the trial's configured optimizer hyperparameters (``{"lr": config["lr"]}``),
             stored so that :func:`load_checkpoint` can tell a PBT perturbation from a resume.
         schedulers: LR schedulers to checkpoint with it.
+        reporter: a reporter whose state is already that of the report this checkpoint goes
+            with (the provided trainable's), stored in the checkpoint. Leave it out when the
+            report comes after (:func:`report_metrics` with ``checkpoint_dir`` writes it then).
         extra: more plain data / tensors to store (``step=...``); returned by :func:`load_checkpoint`.
 
     Returns:
         The file's path.
     """
-    reporter = _REPORTERS.get(wrapper)
     state = {
         "format": _FORMAT,
         "model": model.state_dict(),
@@ -373,6 +385,7 @@ def load_checkpoint(
     *,
     hparams: Mapping[str, Any] | None = None,
     schedulers: Sequence[Any] = (),
+    reporter: MetricsReporter | None = None,
     map_location: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; configured ``hparams`` that changed win (PBT).
@@ -386,6 +399,9 @@ def load_checkpoint(
         wrapper: the optimizer wrapper to load into.
         hparams: the trial's configured optimizer hyperparameters, as passed to ``save_checkpoint``.
         schedulers: the LR schedulers saved with it (same order).
+        reporter: where the saved reporter state goes (from ``REPORTER_FILE`` if
+            :func:`report_metrics` wrote one, else from the checkpoint); default
+            :func:`reporter_for` ``(wrapper)``.
         map_location: where to load tensors (default: CPU; ``load_state_dict`` moves them).
 
     Returns:
@@ -418,11 +434,12 @@ def load_checkpoint(
             wrapper, _numeric_hparams(hparams), state["hparams"], built, schedulers=schedulers
         )
     reporter_path = os.path.join(os.fspath(directory), REPORTER_FILE)
+    saved = state.get("reporter")
     if os.path.exists(reporter_path):
         with open(reporter_path) as f:
-            reporter_for(wrapper).load_state_dict(json.load(f))
-    elif state.get("reporter") is not None:
-        reporter_for(wrapper).load_state_dict(state["reporter"])
+            saved = json.load(f)
+    if saved is not None:
+        (reporter_for(wrapper) if reporter is None else reporter).load_state_dict(saved)
     return {**state["extra"], "config_overrides": overrides}
 
 

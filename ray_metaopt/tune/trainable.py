@@ -24,7 +24,7 @@ from .builders import (
     resolve_config,
     trial_meta_defaults,
 )
-from .reporting import STOP_REASON_KEY, MetricsReporter, load_checkpoint, reporter_for, save_checkpoint, tune_result
+from .reporting import STOP_REASON_KEY, MetricsReporter, load_checkpoint, save_checkpoint, tune_result
 from .tasks import make_task
 
 ReportFn = Callable[[dict, "str | None"], None]
@@ -86,7 +86,7 @@ class TrainingRun:
         self.wrapper = OptimizerWrapper(optimizer, meta, metric_reduction=c.metric_reduction)
         scheduler = build_schedule(self.wrapper, c.schedule, c.max_steps, **c.schedule_config)
         self.schedulers = [self.wrapper.attach_scheduler(scheduler)] if scheduler is not None else []
-        self.reporter: MetricsReporter = reporter_for(self.wrapper, prefix=self.task_name)
+        self.reporter = MetricsReporter(self.wrapper, prefix=self.task_name)
         self.reporter.constants = self.task.info()
         self.step = 0
         self.config_overrides: list[dict] = []
@@ -114,6 +114,7 @@ class TrainingRun:
                 self.wrapper,
                 hparams=self.configured_hparams,
                 schedulers=self.schedulers,
+                reporter=self.reporter,  # its state is already that of the report this goes with
                 step=self.step,
                 task=self.task.state_dict(),
                 rng=rng,
@@ -141,7 +142,8 @@ class TrainingRun:
     def restore(self, directory: str) -> None:
         """Continue from a checkpoint written by :meth:`save` (configured hparams that changed win)."""
         extra = load_checkpoint(
-            directory, self.model, self.wrapper, hparams=self.configured_hparams, schedulers=self.schedulers
+            directory, self.model, self.wrapper, hparams=self.configured_hparams, schedulers=self.schedulers,
+            reporter=self.reporter,
         )
         self.step = int(extra["step"])
         self.task.load_state_dict(extra["task"])

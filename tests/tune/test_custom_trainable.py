@@ -151,6 +151,27 @@ def test_load_checkpoint_configured_values_win_when_changed(
     assert [g["momentum"] for g in opt2.param_groups] == [expected_momentum] * 2
 
 
+def test_reporter_state_is_passed_explicitly_and_stored_once(tmp_path):
+    # save_checkpoint does not look the wrapper's reporter up behind the caller's back: without
+    # reporter= it stores none (report_metrics writes REPORTER_FILE after the report); with one,
+    # the checkpoint holds it and no second copy is written.
+    model, opt = _model_and_opt()
+    _train(model, opt, 3)
+    report_metrics(opt, {"step": 3, "train_loss": 0.5, "val_loss": 0.7}, report=False)
+    save_checkpoint(tmp_path, model, opt, step=3)
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["reporter"] is None
+    own = MetricsReporter(opt)
+    own.metrics(step=3, train_loss=0.5, val_loss=0.6)
+    save_checkpoint(tmp_path, model, opt, reporter=own, step=3)
+    assert os.listdir(tmp_path) == [CHECKPOINT_FILE]
+    model2, opt2 = _model_and_opt()
+    restored = MetricsReporter(opt2)
+    load_checkpoint(tmp_path, model2, opt2, reporter=restored)
+    assert restored.best_val_loss == 0.6
+    result = report_metrics(opt2, {"step": 4, "train_loss": 0.5, "val_loss": 0.8}, reporter=restored, report=False)
+    assert result["best_val_loss"] == 0.6
+
+
 def test_report_metrics_stores_the_reporter_state_next_to_the_checkpoint(tmp_path):
     model, opt = _model_and_opt()
     _train(model, opt, 3)

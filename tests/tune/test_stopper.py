@@ -13,7 +13,7 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
-from ray_metaopt.tune import MetaAwareScheduler, MetaStopper, metaopt_trainable, trainable_with_resources
+from ray_metaopt.tune import MetaAwareScheduler, MetaStopper, trainable_with_resources
 
 SCHEMA_KEYS = {"stop_reason", "diverged_reason", "config_overrides"}
 
@@ -298,3 +298,46 @@ def test_readme_tune_block_runs_as_written(ray_session, capsys):
     assert all(r.metrics["stop_reason"] in ("max_steps",) or r.metrics["stop_reason"].startswith("lr_floor")
                for r in grid)
     assert capsys.readouterr().out.count("\n") >= 2  # both prints ran
+
+
+class _Records:
+    """Collects the warnings of Tune's experiment-state logger (it does not propagate to pytest)."""
+
+    def __init__(self):
+        import logging
+
+        self.messages: list[str] = []
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda record: self.messages.append(record.getMessage())
+        self.logger = logging.getLogger("ray.tune.execution.experiment_state")
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        return self.messages
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint_interval, loud", [(1, True), (0, False)])
+def test_checkpoint_cadence_the_readme_calls_quiet_is_quiet(ray_session, tmp_path, checkpoint_interval, loud):
+    # Item 8: with CheckpointConfig(num_to_keep=2) a checkpoint at every evaluation of a fast trial
+    # forces an experiment snapshot every two evaluations and Tune warns; the README's setting
+    # (checkpoints further apart than a few seconds; here only the final one) is silent.
+    space = {"task": "teacher_student", "meta": "none", "max_steps": 400, "eval_interval": 5,
+             "checkpoint_interval": checkpoint_interval}
+    with _Records() as messages:
+        grid = tune.Tuner(
+            trainable_with_resources({"cpu": 1}),
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min"),
+            run_config=tune.RunConfig(
+                storage_path=str(tmp_path), name="cadence", verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        ).fit()
+    assert grid.num_errors == 0 and grid[0].checkpoint is not None
+    warned = any("snapshotting has been triggered multiple times" in m for m in messages)
+    assert warned == loud, messages
