@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
             "task, strategies " + ", ".join(DEFAULT_STRATEGIES) + "; then a results table and a PNG."
         ),
         epilog=(
-            "subcommands:\n  bench    the benchmark suite (ray-metaopt bench --help)\n\n"
+            "subcommands:\n  run      the comparison described above (the default: `ray-metaopt run` = `ray-metaopt`)\n"
+            "  bench    the benchmark suite (ray-metaopt bench --help)\n\n"
             "strategies:\n" + "\n".join(f"  {name:<18} {s.help}" for name, s in strategies().items())
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -557,8 +558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands by their first word: argparse has no default subcommand, and plain
+    # `ray-metaopt [options]` must stay the main job.
     if argv and argv[0] == "bench":
         return bench(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
     args = parse_args(argv)
     return run(args)
 

@@ -99,6 +99,17 @@ def test_bench_dispatches_to_the_benchmark_suite(capsys):
     assert "--quick" in out  # the bench suite's own options, not the comparison's
 
 
+def test_run_subcommand_is_the_main_job(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--strategies" in out and "--quick" not in out  # the comparison's options
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--strategies", "no_such_strategy"])
+    assert exit_info.value.code == 2 and "unknown strategy 'no_such_strategy'" in capsys.readouterr().err
+
+
 def test_table_formats_missing_values():
     rows = [
         {
