@@ -106,74 +106,41 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def _recorder_class() -> type:
-    from ray.tune import Callback
-
-    class Recorder(Callback):
-        """Keeps every bench trial's reports in memory on the driver (no file round trip)."""
-
-        def __init__(self, eval_interval: int) -> None:
-            self.eval_interval = eval_interval
-            self.records: dict[str, TrialRecord] = {}
-            self.finished = 0
-
-        def _record(self, trial: Any) -> TrialRecord:
-            record = self.records.get(trial.trial_id)
-            if record is None:
-                tag = dict(trial.config.get(BENCH_KEY) or {})
-                record = TrialRecord(
-                    arm=str(tag.get("arm", "?")),
-                    task=str(tag.get("task", trial.config.get("task", "?"))),
-                    lr=tag.get("lr"),
-                    seed=int(tag.get("seed", trial.config.get("seed", 0))),
-                    phase=str(tag.get("phase", "")),
-                    group=str(tag.get("group", "")),
-                    trial_id=trial.trial_id,
-                    eval_interval=self.eval_interval,
-                )
-                self.records[trial.trial_id] = record
-            return record
-
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            record = self._record(trial)
-            if "step" not in result:
-                return
-            record.steps.append(int(result["step"]))
-            record.val_loss.append(_float(result.get("val_loss")))
-            record.train_loss.append(_float(result.get("train_loss")))
-            record.lr_trace.append(_float(result.get("lr")))
-            if result.get("diverged"):
-                record.status = "diverged"
-            for decision in result.get("meta/decisions") or ():
-                if (
-                    isinstance(decision, Mapping)
-                    and decision.get("group") == 0
-                    and decision.get("hparam") == "lr"
-                    and _float(decision.get("old")) > 0.0
-                ):
-                    # The multiplier on whatever the base schedule gives: chained ratios new/old
-                    # (on a constant base, lr / initial lr).
-                    current = record.lr_changes[-1][1] if record.lr_changes else 1.0
-                    factor = current * float(decision["new"]) / float(decision["old"])
-                    record.lr_changes.append([int(decision["step"]) + 1, factor])
-
-        def _finish(self, trial: Any, status: str, error: str | None = None) -> None:
-            record = self._record(trial)
-            if record.status == "running" or status == "error":
-                record.status = status
-            record.error = error
-            record.executed = executed_steps(record.steps, self.eval_interval)
-            record.order = self.finished
-            self.finished += 1
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._finish(trial, "done")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            error = getattr(trial, "error_msg", None) or "trial raised an error"
-            self._finish(trial, "error", str(error).strip().splitlines()[-1][:300] if error else None)
-
-    return Recorder
+def record_from_trajectory(trajectory: Mapping[str, Any], config: Mapping[str, Any], eval_interval: int) -> TrialRecord:
+    """One trial's :class:`TrialRecord` from what :class:`~ray_metaopt.tune.MetaOptCallback`
+    recorded of it and its config (the ``BENCH_KEY`` tag says arm, task, lr, seed, phase)."""
+    tag = dict(config.get(BENCH_KEY) or {})
+    records = [r for r in trajectory.get("records", []) if isinstance(r.get("step"), (int, float))]
+    status = {"TERMINATED": "done", "ERROR": "error"}.get(trajectory.get("status"), "running")
+    if status == "done" and trajectory.get("diverged"):
+        status = "diverged"
+    lr_changes: list[list[float]] = []
+    for decision in trajectory.get("decisions", []):
+        if decision.get("group") == 0 and decision.get("hparam") == "lr" and _float(decision.get("old")) > 0.0:
+            # The multiplier on whatever the base schedule gives: chained ratios new/old (on a
+            # constant base, lr / initial lr).
+            current = lr_changes[-1][1] if lr_changes else 1.0
+            lr_changes.append([int(decision["step"]) + 1, current * float(decision["new"]) / float(decision["old"])])
+    finished = trajectory.get("finished")
+    return TrialRecord(
+        arm=str(tag.get("arm", "?")),
+        task=str(tag.get("task", config.get("task", "?"))),
+        lr=tag.get("lr"),
+        seed=int(tag.get("seed", config.get("seed", 0))),
+        phase=str(tag.get("phase", "")),
+        group=str(tag.get("group", "")),
+        trial_id=str(trajectory["trial_id"]),
+        status=status,
+        steps=[int(r["step"]) for r in records],
+        val_loss=[_float(r.get("val_loss")) for r in records],
+        train_loss=[_float(r.get("train_loss")) for r in records],
+        lr_trace=[_float(r.get("lr")) for r in records],
+        lr_changes=lr_changes,
+        executed=executed_steps(trajectory.get("reported_steps", []), eval_interval),
+        error=trajectory.get("error"),
+        order=-1 if finished is None else int(finished),
+        eval_interval=eval_interval,
+    )
 
 
 def _trial_name(trial: Any) -> str:
@@ -228,9 +195,13 @@ class Runner:
         """One Tune experiment; returns (and keeps) the records of its trials."""
         from ray import tune
 
+        from ..tune.callbacks import MetaOptCallback
         from ..tune.trainable import trainable_with_resources
 
-        recorder = _recorder_class()(self.size.eval_interval)
+        # The experiment's MetaOptCallback (an RL phase's owns the policy actor) records every
+        # trial's curves; a plain one where there is none.
+        recorder = next((c for c in callbacks if isinstance(c, MetaOptCallback)), None)
+        extra = [] if recorder is not None else [recorder := MetaOptCallback()]
         started = time.monotonic()
         tuner = tune.Tuner(
             trainable_with_resources(self._resources(cpus)),
@@ -248,7 +219,7 @@ class Runner:
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=self.storage_path,
-                callbacks=[recorder, *callbacks],
+                callbacks=[*extra, *callbacks],
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
@@ -256,13 +227,20 @@ class Runner:
         grid = tuner.fit()
         elapsed = time.monotonic() - started
         self.timings[name] = elapsed
+        records = []
         for result in grid:
-            trial_id = (result.metrics or {}).get("trial_id")
-            if result.error is not None and trial_id in recorder.records:
-                rec = recorder.records[trial_id]
-                rec.status = "error"
-                rec.error = rec.error or f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
-        records = sorted(recorder.records.values(), key=lambda r: r.order)
+            # The trial dir is named by _trial_name: an errored trial may have reported nothing.
+            trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path).removeprefix("bench_")
+            if trial_id not in recorder.trajectories:
+                continue
+            record = record_from_trajectory(recorder.trajectories[trial_id], result.config, self.size.eval_interval)
+            if result.error is not None:
+                record.status = "error"
+                record.error = record.error or (
+                    f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+                )
+            records.append(record)
+        records.sort(key=lambda r: r.order)
         errors = [r for r in records if r.status == "error"]
         self.progress(
             f"  {name}: {len(records)} trials in {elapsed:.0f}s"

@@ -182,7 +182,14 @@ class MetaOptCallback(Callback):
 
     Attributes:
         trajectories: ``trial_id -> {"trial_id", "config", "status", "records": [...],
-            "decisions": [...]}``: plain data, as written to the JSON files.
+            "decisions": [...], "reported_steps", "diverged", "error", "finished"}``: plain data,
+            as written to the JSON files. ``records``/``decisions`` are the trial's effective
+            history (what a restore re-ran replaces what it had reported); ``reported_steps`` is
+            the step of every report in arrival order, restores included (with
+            ``ray_metaopt.bench.stats.executed_steps``: the steps really trained);
+            ``diverged`` whether any report said so; ``error`` the trial's error message;
+            ``finished`` the position in which it ended in this experiment (``None`` while
+            running).
         policy_stats: the latest stats from the policy actor (``None`` before the first reply).
         policy_stats_history: ``[(unix_time, stats), ...]`` of every reply received.
         policy_actor: the actor handle (``None`` without ``policy_name``).
@@ -256,6 +263,7 @@ class MetaOptCallback(Callback):
         self.add_policy_stats_to_results = add_policy_stats_to_results
 
         self.trajectories: dict[str, dict[str, Any]] = {}
+        self._finished = 0
         self.policy_stats: dict[str, Any] | None = None
         self.policy_stats_history: list[tuple[float, dict[str, Any]]] = []
         self.policy_actor: Any = None
@@ -390,6 +398,10 @@ class MetaOptCallback(Callback):
                 "status": "RUNNING",
                 "records": [],
                 "decisions": [],
+                "reported_steps": [],
+                "diverged": False,
+                "error": None,
+                "finished": None,
             }
             self.trajectories[trial.trial_id] = trajectory
         return trajectory
@@ -413,6 +425,9 @@ class MetaOptCallback(Callback):
             record["step"] = record["training_iteration"]
         _rewind(trajectory, record.get("step"))
         trajectory["records"].append(record)
+        if isinstance(record.get("step"), (int, float)):
+            trajectory["reported_steps"].append(int(record["step"]))
+        trajectory["diverged"] = trajectory["diverged"] or bool(record.get("diverged"))
         for decision in flat.get("meta/decisions") or ():
             if isinstance(decision, Mapping):
                 trajectory["decisions"].append(
@@ -440,7 +455,13 @@ class MetaOptCallback(Callback):
         return isinstance(meta_config, Mapping) and meta_config.get("shared_policy") == self.policy_name
 
     def _end_trial(self, trial: Trial, status: str) -> None:
-        self._trajectory(trial)["status"] = status
+        trajectory = self._trajectory(trial)
+        trajectory["status"] = status
+        trajectory["finished"] = self._finished
+        self._finished += 1
+        if status == "ERROR":
+            message = str(getattr(trial, "error_msg", None) or "trial raised an error").strip()
+            trajectory["error"] = message.splitlines()[-1][:300] if message else None
         self._remember_dir(trial)
         self._write_trial(trial.trial_id)
 
@@ -540,6 +561,7 @@ class MetaOptCallback(Callback):
 
     def set_state(self, state: dict) -> None:
         self.trajectories = dict(state.get("trajectories", {}))
+        self._finished = sum(1 for t in self.trajectories.values() if t.get("finished") is not None)
         self.policy_stats = state.get("policy_stats")
         self.saved_policy_path = state.get("saved_policy_path")
 

@@ -332,10 +332,22 @@ def test_a_restored_trial_replaces_the_rerun_part_of_its_trajectory(tmp_path):
     assert [d["step"] for d in t["decisions"]] == [19, 39]
     callback.on_trial_complete(0, [], trial)
     assert read_trajectory(tmp_path / "r1" / TRAJECTORY_JSON)["records"] == t["records"]
+    # every report stays in reported_steps (the compute the trial used: 40 + the 10 steps re-run)
+    assert t["reported_steps"] == [10, 20, 30, 30, 40]
+    from ray_metaopt.bench.stats import executed_steps
+
+    assert executed_steps(t["reported_steps"], 10) == 50
+    assert (t["diverged"], t["error"], t["finished"]) == (False, None, 0)
     # Tune's experiment checkpoint carries the trajectories to a restored driver.
     restored = MetaOptCallback()
     restored.set_state(callback.get_state())
     assert restored.trajectories == callback.trajectories
+    failed = _Trial("r2", tmp_path / "r2")
+    failed.error_msg = "Traceback (most recent call last):\n  ...\nValueError: lr=nan"
+    restored.on_trial_result(0, [], failed, {"step": 10, "val_loss": math.nan, "diverged": True})
+    restored.on_trial_error(0, [], failed)
+    t2 = restored.trajectories["r2"]
+    assert (t2["status"], t2["diverged"], t2["error"], t2["finished"]) == ("ERROR", True, "ValueError: lr=nan", 1)
 
 
 @pytest.mark.ray
