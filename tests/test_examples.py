@@ -64,11 +64,28 @@ def test_the_examples_are_all_known():
     )
 
 
+@pytest.fixture(scope="module")
+def example_runs(request, tmp_path_factory):
+    """The selected examples' runs, two at a time: each spends much of its time starting its own
+    Ray and waiting on it, so a pair on 2 cores takes little longer than one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_example_smoke" and hasattr(item, "callspec")
+    ]
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(_run, name, tmp_path_factory.mktemp(name.removesuffix(".py"))) for name in selected}
+    yield futures
+    pool.shutdown(wait=True)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_smoke(name, tmp_path):
-    proc = _run(name, tmp_path)
+def test_example_smoke(name, example_runs):
+    proc = example_runs[name].result()
     tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-3000:]).strip()
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{tail}"
     keys, check = EXPECTED.get(name, (COMMON_KEYS, None))
