@@ -263,7 +263,6 @@ class MetaOptCallback(Callback):
         self.add_policy_stats_to_results = add_policy_stats_to_results
 
         self.trajectories: dict[str, dict[str, Any]] = {}
-        self._finished = 0
         self.policy_stats: dict[str, Any] | None = None
         self.policy_stats_history: list[tuple[float, dict[str, Any]]] = []
         self.policy_actor: Any = None
@@ -457,8 +456,9 @@ class MetaOptCallback(Callback):
     def _end_trial(self, trial: Trial, status: str) -> None:
         trajectory = self._trajectory(trial)
         trajectory["status"] = status
-        trajectory["finished"] = self._finished
-        self._finished += 1
+        trajectory["finished"] = sum(
+            1 for t in self.trajectories.values() if t is not trajectory and t.get("finished") is not None
+        )
         if status == "ERROR":
             message = str(getattr(trial, "error_msg", None) or "trial raised an error").strip()
             trajectory["error"] = message.splitlines()[-1][:300] if message else None
@@ -561,7 +561,6 @@ class MetaOptCallback(Callback):
 
     def set_state(self, state: dict) -> None:
         self.trajectories = dict(state.get("trajectories", {}))
-        self._finished = sum(1 for t in self.trajectories.values() if t.get("finished") is not None)
         self.policy_stats = state.get("policy_stats")
         self.saved_policy_path = state.get("saved_policy_path")
 
