@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help=f"the 2-CPU size ({', '.join(SUITE_SIZES['quick'].tasks)}; about 20 minutes); default: the full size (a GPU machine)")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help=f"run only these tasks of the size (quick: {' '.join(SUITE_SIZES['quick'].tasks)}; full: {' '.join(SUITE_SIZES['full'].tasks)})")
     parser.add_argument("--seeds", type=int, default=None, help="number of evaluation seeds (default: the size's, 5 quick / 10 full)")
+    parser.add_argument(
+        "--first-seed", type=int, default=None,
+        help="first evaluation seed; the seeds are FIRST_SEED, FIRST_SEED+1, ... (default 0). The quick "
+        "size's design was made on seeds 0-4: pass e.g. --first-seed 200 for seeds no design choice has seen",
+    )
     parser.add_argument("--output", default="benchmarks", help="directory for RESULTS.md, PNGs, results.json (default ./benchmarks)")
     parser.add_argument(
         "--rl-reward", choices=("own", "paired"), default=None,
@@ -127,10 +132,18 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
         if unknown:
             parser.error(f"--tasks {unknown} not in the {size.name} size's tasks {list(size.tasks)}")
         size = size.with_(tasks=tuple(args.tasks))
-    if args.seeds is not None:
-        if args.seeds < 1:
-            parser.error(f"--seeds must be >= 1, got {args.seeds}")
-        size = size.with_(seeds=tuple(range(args.seeds)))
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.first_seed is not None and args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    if args.seeds is not None or args.first_seed is not None:
+        count = args.seeds if args.seeds is not None else len(size.seeds)
+        first = args.first_seed if args.first_seed is not None else 0
+        seeds = tuple(range(first, first + count))
+        clash = sorted(set(seeds) & set(size.rl_train_seeds))
+        if clash:
+            parser.error(f"evaluation seeds {list(seeds)} overlap the RL training seeds at {clash}: pick another --first-seed")
+        size = size.with_(seeds=seeds)
     if args.rl_policy is not None:
         size = size.with_(rl_policy={**size.rl_policy, **_policy_overrides(parser, args.rl_policy)})
     if args.rl_reward is not None:

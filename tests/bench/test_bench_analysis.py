@@ -241,6 +241,8 @@ def test_results_json_round_trip_and_report_only(tmp_path):
     [
         (["--quick", "--tasks", "nope"], "not in the quick size's tasks"),
         (["--quick", "--seeds", "0"], "--seeds must be >= 1"),
+        (["--quick", "--first-seed", "-1"], "--first-seed must be >= 0, got -1"),
+        (["--quick", "--first-seed", "98"], "overlap the RL training seeds at [100, 101, 102]"),
         (["--quick", "--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
         (["--num-cpus", "2", "--address", "auto"], "cannot be used with --address"),
         (["--quick", "--rl-policy", "gama=1"], "--rl-policy takes KEY=VALUE with KEY an RLMetaOptimizer argument, got 'gama=1'"),
@@ -251,6 +253,17 @@ def test_bad_arguments_exit_with_status_2(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_first_seed_moves_the_evaluation_seeds():
+    from ray_metaopt.bench import _parse
+
+    _, size = _parse(["--quick", "--first-seed", "200"])
+    assert size.seeds == (200, 201, 202, 203, 204)
+    _, size = _parse(["--quick", "--first-seed", "200", "--seeds", "2"])
+    assert size.seeds == (200, 201)
+    _, size = _parse(["--quick", "--seeds", "3"])
+    assert size.seeds == (0, 1, 2)
 
 
 def test_rl_lr_plans_follow_the_base_schedules_tuned_lr():
