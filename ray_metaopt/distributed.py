@@ -155,7 +155,8 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
         if not self.is_distributed:
             return super().update_hyperparameters(metrics, step)
         # Every rank holds the decision rank's schedule, so they all reach a decision together.
-        step, local = self._collect(metrics, step)
+        step, due = self._check_call(metrics, step)
+        local = self._collect(metrics, step, due)
         if local is None:
             return []
 
