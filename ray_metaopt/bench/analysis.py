@@ -83,6 +83,9 @@ class RLResult:
     advantages: list[float]  # return minus the base schedule's return at the episode's lr
     first_round_mean: float  # mean advantage of the first round of training seeds (one episode per lr)
     last_round_mean: float
+    first_half_mean: float  # the same over the first / last half of the rounds (less noisy)
+    last_half_mean: float
+    paired_episodes: int  # episodes whose advantage is against their own paired reference
     vs_base_by_lr: dict[float, PairedComparison | None]  # the RL arm vs its base schedule at each lr
     base_arm: str  # the arm that runs the base schedule alone
     base_lr: float | None  # the base's tuned lr: where the RL arm and its controls are reported
@@ -199,6 +202,17 @@ def _arm_result(
     return result
 
 
+def _reference_return(episode: TrialRecord, val_weight: float) -> float | None:
+    """The return of an episode's paired reference (the base schedule at its seed, over the same
+    reports), or ``None`` when the episode has none or it is incomplete."""
+    train, val = episode.reference_train_loss, episode.reference_val_loss
+    if not train or len(train) != len(episode.train_loss) or not val:
+        return None
+    if not all(math.isfinite(x) for x in (*train, val[0], val[-1])):
+        return None
+    return episode_return(train, val, val_weight)
+
+
 def _rl_result(
     task: str, records: Sequence[TrialRecord], size: SuiteSize, schedule: list, stats: Mapping[str, Any]
 ) -> RLResult | None:
@@ -223,7 +237,18 @@ def _rl_result(
         if r.lr is not None and r.train_loss and r.val_loss:
             baselines.setdefault(float(r.lr), []).append(episode_return(r.train_loss, r.val_loss, val_weight))
     baseline = {lr: mean(v) for lr, v in baselines.items()}
-    advantages = [ret - baseline.get(float(e.lr), math.nan) for e, ret in zip(episodes, returns)]
+    # An episode trained with a paired reference carries its base schedule's curves at the
+    # same seed: its advantage is paired (no seed noise). Otherwise, the base schedule's mean
+    # return at that lr on the evaluation seeds.
+    advantages = []
+    paired = 0
+    for e, ret in zip(episodes, returns):
+        ref = _reference_return(e, val_weight)
+        if ref is not None:
+            paired += 1
+            advantages.append(ret - ref)
+        else:
+            advantages.append(ret - baseline.get(float(e.lr), math.nan))
     # Rounds: each training seed runs every lr once; compare the first and the last round.
     by_seed: dict[int, list[float]] = {}
     for e, adv in zip(episodes, advantages):
@@ -241,6 +266,9 @@ def _rl_result(
         advantages=advantages,
         first_round_mean=mean(by_seed[seeds_in_order[0]]),
         last_round_mean=mean(by_seed[seeds_in_order[-1]]),
+        first_half_mean=mean([a for s in seeds_in_order[: len(seeds_in_order) // 2] for a in by_seed[s]]),
+        last_half_mean=mean([a for s in seeds_in_order[(len(seeds_in_order) + 1) // 2 :] for a in by_seed[s]]),
+        paired_episodes=paired,
         vs_base_by_lr=vs_base,
         base_arm=RL_BASE_ARM,
         base_lr=tuned_lr(records, task),

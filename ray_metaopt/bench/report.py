@@ -304,12 +304,23 @@ def rl_section(result: TaskResult) -> list[str]:
         f"Base schedule: the RL arms act on {base}'s schedule (each decision multiplies what it gives at that step), "
         f"and are reported at {base}'s tuned lr, {at}; untrained, the policy is that schedule exactly."
     )
+    n = len(rl.episodes)
+    if rl.paired_episodes == n:
+        against = "its own paired reference (the base schedule run first at the episode's seed and lr)"
+    elif rl.paired_episodes:
+        against = (
+            f"its own paired reference where it has one ({rl.paired_episodes} of {n} episodes), else the {base} "
+            "runs at the same initial lr on the evaluation seeds"
+        )
+    else:
+        against = f"the base schedule alone at the same initial lr (the {base} runs, on the evaluation seeds)"
     lines.append(
         "Learning curve: an episode's return (the sum of its rewards, log(first/last) training loss plus "
-        f"log(first/last) validation loss) minus that of the base schedule alone at the same initial lr (the {base} "
-        f"runs). Mean over the first round of training seeds (one episode per lr): {_num(rl.first_round_mean, '+.3f')}; "
-        f"over the last round: {_num(rl.last_round_mean, '+.3f')}. Positive: the policy's lr changes improved on "
-        "following the base schedule."
+        f"log(first/last) validation loss) minus that of {against}. "
+        f"Mean over the first round of training seeds (one episode per lr): {_num(rl.first_round_mean, '+.3f')}; "
+        f"over the last round: {_num(rl.last_round_mean, '+.3f')}; over the first / last half of the rounds: "
+        f"{_num(rl.first_half_mean, '+.3f')} / {_num(rl.last_half_mean, '+.3f')}. Positive: the policy's lr "
+        "changes improved on following the base schedule."
     )
     lines.append("")
     controls = [n for n in ("rl_untrained", "rl_state_blind", "rl_replay") if n in result.arms]

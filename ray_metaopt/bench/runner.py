@@ -57,6 +57,9 @@ class TrialRecord:
     val_loss: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     lr_trace: list[float] = field(default_factory=list)
+    # with paired_reference: the base schedule's curves at the same seed and steps (else empty)
+    reference_train_loss: list[float] = field(default_factory=list)
+    reference_val_loss: list[float] = field(default_factory=list)
     lr_changes: list[list[float]] = field(default_factory=list)
     executed: int = 0
     error: str | None = None
@@ -89,7 +92,7 @@ class TrialRecord:
         return cls(**data)
 
 
-_FLOAT_LISTS = ("val_loss", "train_loss", "lr_trace")
+_FLOAT_LISTS = ("val_loss", "train_loss", "lr_trace", "reference_train_loss", "reference_val_loss")
 
 
 def _json_float(value: float | None) -> float | str | None:
@@ -135,6 +138,10 @@ def record_from_trajectory(trajectory: Mapping[str, Any], config: Mapping[str, A
         val_loss=[_float(r.get("val_loss")) for r in records],
         train_loss=[_float(r.get("train_loss")) for r in records],
         lr_trace=[_float(r.get("lr")) for r in records],
+        reference_train_loss=[_float(r.get("reference_train_loss")) for r in records]
+        if any("reference_train_loss" in r for r in records) else [],
+        reference_val_loss=[_float(r.get("reference_val_loss")) for r in records]
+        if any("reference_val_loss" in r for r in records) else [],
         lr_changes=lr_changes,
         executed=executed_steps(trajectory.get("reported_steps", []), eval_interval),
         error=trajectory.get("error"),

@@ -21,6 +21,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,8 @@ _RECORD_KEYS = (
     "train_loss",
     "val_loss",
     "best_val_loss",
+    "reference_train_loss",  # with paired_reference: the base schedule at the same seed
+    "reference_val_loss",
     "lr",
     "meta/num_decisions",
     "meta/num_skipped",
@@ -583,10 +587,22 @@ def write_trajectory(
         >>> write_trajectory(callback.trajectories[trial_id], "t.json", "t.csv", "t_decisions.csv")
     """
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    tmp = f"{json_path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(dict(trajectory)), f, indent=1)
-    os.replace(tmp, json_path)
+    # The temp file goes outside the trial directory: Tune's syncer copies the driver's directory
+    # while trials run, and a temp file beside the JSON can vanish between its listing and its copy
+    # (a "Last sync command failed ... .json.tmp" warning with a traceback).
+    fd, tmp = tempfile.mkstemp(prefix="metaopt_trajectory_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(dict(trajectory)), f, indent=1)
+        try:
+            os.replace(tmp, json_path)
+        except OSError:  # another filesystem: copy beside the JSON, then rename there
+            beside = f"{json_path}.tmp"
+            shutil.copyfile(tmp, beside)
+            os.replace(beside, json_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     records = trajectory.get("records", [])
     if csv_path is not None:
         columns: list[str] = []

@@ -29,6 +29,10 @@ from .tasks import make_task
 
 ReportFn = Callable[[dict, "str | None"], None]
 
+# Result key, with ``paired_reference``: the reference's mean training loss over the steps the
+# report's ``train_loss`` averages (its ``val_loss`` goes under REFERENCE_VAL_LOSS).
+REFERENCE_TRAIN_LOSS = "reference_train_loss"
+
 
 class TrainingRun:
     """One trial's training: builds task, model, optimizer and strategy from a config, then trains.
@@ -161,7 +165,11 @@ class TrainingRun:
         finally:
             self.model.train()
 
-    def _result(self, train_loss: float, evaluation: Mapping[str, float], diverged: bool) -> dict[str, Any]:
+    def _result(
+        self, train_loss: float, evaluation: Mapping[str, float], diverged: bool, interval_steps: int = 0
+    ) -> dict[str, Any]:
+        """One report. ``interval_steps``: the steps ``train_loss`` is the mean of (0: one batch
+        outside training), for the paired reference's mean over the same steps."""
         extras = {k: v for k, v in evaluation.items() if k != "val_loss"}
         result = self.reporter.metrics(
             step=self.step,
@@ -182,6 +190,12 @@ class TrainingRun:
         # on it. Otherwise PBT could exploit a finished trial at its last report, which restores
         # it at the end, reports again, is exploited again... (two tied trials never stop).
         result["done"] = finished and not diverged
+        if self.reference is not None:
+            # The base schedule at this seed over the same steps, so a reader can pair this
+            # trial's curves with it (the RL learning curve does): NaN where it has no value.
+            steps = self.reference["loss"][self.step - interval_steps : self.step] if interval_steps else []
+            result[REFERENCE_TRAIN_LOSS] = sum(steps) / len(steps) if len(steps) == interval_steps else math.nan
+            result[REFERENCE_VAL_LOSS] = self.reference["val_loss"].get(self.step, math.nan)
         return result
 
     def _diverged(self, result: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -277,10 +291,10 @@ class TrainingRun:
                 continue
             evaluation = self._evaluate()
             train_loss = float(loss_sum / loss_count)
+            interval_steps, loss_count = loss_count, 0
             loss_sum.zero_()
-            loss_count = 0
             if not math.isfinite(evaluation["val_loss"]):
-                last = self._result(train_loss, evaluation, diverged=True)
+                last = self._result(train_loss, evaluation, diverged=True, interval_steps=interval_steps)
                 self._diverged(last, f"non-finite val_loss after step {self.step}")
                 report(last, None)
                 return last
@@ -289,7 +303,7 @@ class TrainingRun:
                 metrics[REFERENCE_VAL_LOSS] = self.reference["val_loss"][self.step]
             self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
             evaluations += 1
-            last = self._result(train_loss, evaluation, diverged=False)
+            last = self._result(train_loss, evaluation, diverged=False, interval_steps=interval_steps)
             if self.step >= c.max_steps:
                 self._finish_meta()  # before the last report: Tune stops the trial when it takes it
             checkpoint_due = self.step == c.max_steps or (

@@ -255,6 +255,24 @@ def test_bad_arguments_exit_with_status_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_episode_with_a_paired_reference_is_scored_against_it():
+    """An episode that carries its paired reference's curves gets the paired advantage (its
+    return minus the reference's), not the evaluation seeds' base return at its lr; the others
+    keep the unpaired one, and the report says which."""
+    records = _records()
+    episode = next(r for r in records if r.phase == "rl_train" and r.lr == 1e-3)
+    episode.reference_train_loss, episode.reference_val_loss = [1.0, 0.5], [0.8, 0.7]
+    rl = analyze(records, SIZE)["teacher_student"].rl
+    assert rl.paired_episodes == 1
+    assert rl.advantages[0] == pytest.approx(math.log(0.7 / 0.6))  # equal training curves: the val terms
+    base = sum(math.log(0.6 / v) for v in (0.30, 0.33, 0.31)) / 3
+    assert rl.advantages[1] == pytest.approx(math.log(0.8 / 0.4) - base)
+    episode.reference_val_loss = [0.8, math.nan]  # an incomplete reference is not used
+    assert analyze(records, SIZE)["teacher_student"].rl.paired_episodes == 0
+    round_trip = TrialRecord.from_dict(episode.to_dict())
+    assert round_trip.reference_train_loss == [1.0, 0.5] and math.isnan(round_trip.reference_val_loss[1])
+
+
 def test_first_seed_moves_the_evaluation_seeds():
     from ray_metaopt.bench import _parse
 

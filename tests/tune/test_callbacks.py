@@ -144,7 +144,7 @@ def test_trajectories_recorded_and_written_per_trial(ray_session, tmp_path):
         assert os.path.exists(tmp_path / "traj" / f"{trial_id}.csv")
 
 
-def test_write_and_read_trajectory_keep_non_finite_values(tmp_path):
+def test_write_and_read_trajectory_keep_non_finite_values(tmp_path, monkeypatch):
     trajectory = {
         "trial_id": "abc",
         "config": {"meta": "plateau"},
@@ -169,6 +169,17 @@ def test_write_and_read_trajectory_keep_non_finite_values(tmp_path):
     assert list(rows[0]) == ["step", "val_loss", "lr", "diverged"]
     with open(tmp_path / "d.csv") as f:
         assert next(csv.DictReader(f))["reason"] == "plateau"
+    # No temp file ever sits in the trial directory (Tune's syncer copies it while trials run).
+    seen = []
+    real_replace = os.replace
+
+    def watching(src, dst):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watching)
+    write_trajectory(trajectory, tmp_path / "t.json")
+    assert seen == [["d.csv", "t.csv", "t.json"]]
 
 
 @pytest.mark.parametrize(

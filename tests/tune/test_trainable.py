@@ -648,6 +648,22 @@ def test_paired_reference_is_the_base_run_and_a_keep_policy_earns_exactly_zero()
     assert len(unpaired) == len(rewards) and any(abs(r) > 1e-3 for r in unpaired)
 
 
+def test_paired_reference_curves_are_reported_beside_the_trials_own():
+    """With paired_reference the results carry the base schedule's curves over the same steps
+    (a reader pairs them, as the benchmark's learning curve does): for a policy that keeps the
+    base lr they equal the trial's own train_loss and val_loss; without it the keys are absent."""
+    base = _config(meta="none", meta_config={}, schedule="cosine", max_steps=60, eval_interval=20)
+    keep = {**base, "meta": "rl", "meta_config": {"update_frequency": 10, "initial_keep_prob": 1 - 1e-9,
+                                                     "wd_actions": None}, "paired_reference": True}
+    results = _collect(TrainingRun(keep))
+    assert [r["step"] for r in results] == [20, 40, 60]
+    assert [r["reference_val_loss"] for r in results] == [r["val_loss"] for r in results]
+    assert [r["reference_train_loss"] for r in results] == pytest.approx([r["train_loss"] for r in results], rel=1e-6)
+    plain = _collect(TrainingRun(base))
+    assert "reference_val_loss" not in plain[0] and "reference_train_loss" not in plain[0]
+    assert [r["val_loss"] for r in plain] == [r["val_loss"] for r in results]
+
+
 def test_paired_reference_refuses_a_base_schedule_other_than_the_trials_own():
     config = _config(meta="rl", meta_config={"update_frequency": 10, "base_schedule": "cosine"}, paired_reference=True)
     with pytest.raises(ValueError, match="got meta_config base_schedule='cosine'; use schedule='cosine' with base_schedule=None"):
