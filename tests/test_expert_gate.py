@@ -192,7 +192,7 @@ def test_default_window_is_about_fifty_steps_of_data():
     assert ExpertGateMetaOptimizer(update_frequency=10).metric_window == 5
 
 
-@pytest.mark.parametrize("load, raised", [(0.2, False), (1.5, True), (None, True)])
+@pytest.mark.parametrize("load, raised", [(0.2, False), (1.5, False), (2.5, True), (None, True)])
 def test_low_entropy_is_a_collapse_only_with_an_overloaded_expert(load, raised):
     meta = ExpertGateMetaOptimizer(metric_window=1)
     model, opt = make(meta)
@@ -307,7 +307,7 @@ def test_specialization_bonus_table():
 # --------------------------------------------------------------------------- Smart: load + entropy votes
 def test_load_violation_and_entropy_votes_combine():
     meta = _smart(adjustment_rate=0.5, entropy_threshold=0.3, entropy_band=0.5, load_threshold=1.0,
-                  max_gate_scale=4.0)
+                  max_gate_scale=4.0, collapse_load=1.0)
 
     def gate(scale):
         return {"gate": LR * scale, "gate_no_decay": LR * scale, "expert": LR}
@@ -338,8 +338,8 @@ def test_seed_example_constructs_and_runs():
     assert g["gate"] == pytest.approx(LR * 0.1) and g["expert"] == LR  # balanced: not a collapse
     assert by_name(opt, "weight_decay")["gate"] == pytest.approx(WD / 1.1)
     train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.5, "routing_sparsity": 0.1,
-                            "load_violation": 3.0, "expert_specialization": 0.1}, 1)
-    # mean load_violation over the window 1.5 > 1: low entropy and overload both raise
+                            "load_violation": 5.0, "expert_specialization": 0.1}, 1)
+    # mean load_violation over the window 2.5: above collapse_load 2 and load_threshold 1, both raise
     assert by_name(opt)["gate"] == pytest.approx(LR * 0.1 * 1.1**2)
 
 
@@ -575,7 +575,9 @@ def test_real_training_routing_metrics_drive_the_gate_lr_as_documented(load_thre
     """
     torch.manual_seed(0)
     model = TinyMoE(8, 32, 3, num_experts=4, top_k=1)
-    meta = seed_smart(update_frequency=5, load_threshold=load_threshold)
+    # collapse_load=1.0 (the default is 2.0): this router's mean load_violation stays between 1
+    # and 2, so the entropy raise is exercised only below the default's bar
+    meta = seed_smart(update_frequency=5, load_threshold=load_threshold, collapse_load=1.0)
     opt = OptimizerWrapper(torch.optim.AdamW(moe_param_groups(model, lr=3e-3, verbose=False)), meta)
     gate_lr0 = 3e-3 * 0.1
     scale, history, smoothed_entropy = 1.0, [], []
