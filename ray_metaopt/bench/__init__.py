@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="first evaluation seed; the seeds are FIRST_SEED, FIRST_SEED+1, ... (default 0). The quick "
         "size's design was made on seeds 0-4: pass e.g. --first-seed 200 for seeds no design choice has seen",
     )
+    parser.add_argument(
+        "--no-pbt", action="store_true",
+        help="skip the PBT experiments (at the quick size about 17 of its 40 minutes), e.g. to study the RL arms",
+    )
     parser.add_argument("--output", default="benchmarks", help="directory for RESULTS.md, PNGs, results.json (default ./benchmarks)")
     parser.add_argument(
         "--rl-reward", choices=("own", "paired"), default=None,
@@ -144,6 +148,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
         if clash:
             parser.error(f"evaluation seeds {list(seeds)} overlap the RL training seeds at {clash}: pick another --first-seed")
         size = size.with_(seeds=seeds)
+    if args.no_pbt:
+        size = size.with_(pbt_tasks=())
     if args.rl_policy is not None:
         size = size.with_(rl_policy={**size.rl_policy, **_policy_overrides(parser, args.rl_policy)})
     if args.rl_reward is not None:

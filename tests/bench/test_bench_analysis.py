@@ -282,6 +282,8 @@ def test_first_seed_moves_the_evaluation_seeds():
     assert size.seeds == (200, 201)
     _, size = _parse(["--quick", "--seeds", "3"])
     assert size.seeds == (0, 1, 2)
+    _, size = _parse(["--quick", "--no-pbt"])
+    assert size.pbt_tasks == () and not any(a.family == "pbt" for t in size.tasks for a in arms_for(t, size))
 
 
 def test_rl_lr_plans_follow_the_base_schedules_tuned_lr():
