@@ -155,8 +155,7 @@ class DistributedOptimizerWrapper(OptimizerWrapper):
         if not self.is_distributed:
             return super().update_hyperparameters(metrics, step)
         # Every rank holds the decision rank's schedule, so they all reach a decision together.
-        step, due = self._check_call(metrics, step)
-        local = self._collect(metrics, step, due)
+        step, local = self._collect(metrics, step)
         if local is None:
             return []
 

@@ -42,13 +42,12 @@ def check_metrics(metrics: Any) -> Mapping[str, Any]:
                     f"metric {key!r} must be a number or a one-element tensor, "
                     f"got a tensor of shape {tuple(value.shape)}"
                 )
-            dtype = value.dtype
-            if dtype.is_complex or dtype is torch.bool:
+            if value.is_complex() or value.dtype == torch.bool:
                 raise TypeError(
                     f"metric {key!r} must be a real number or a real one-element tensor, "
-                    f"got a tensor of dtype {dtype}"
+                    f"got a tensor of dtype {value.dtype}"
                 )
-            if value.is_meta:
+            if value.device.type == "meta":
                 raise ValueError(f"metric {key!r} is a tensor on the meta device, which has no value")
         elif isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(
@@ -109,8 +108,6 @@ class MetricAccumulator:
         self._counts: dict[str, int] = {}
 
     def add(self, metrics: Mapping[str, Any]) -> None:
-        """Fold in one step's (checked) metrics, all or nothing: when a device add raises, the
-        accumulated values are as they were."""
         if self.reduction == "last":
             for key, value in metrics.items():
                 if isinstance(value, torch.Tensor):
@@ -118,16 +115,17 @@ class MetricAccumulator:
                 else:
                     self._values[key] = float(value)
             return
-        sums: dict[str, Any] = {}
         for key, value in metrics.items():
             if isinstance(value, torch.Tensor):
                 value = value.detach().to(torch.float64 if value.device.type == "cpu" else torch.float32)
             else:
                 value = float(value)
-            sums[key] = self._values[key] + value if key in self._values else value
-        for key, value in sums.items():
-            self._values[key] = value
-            self._counts[key] = self._counts.get(key, 0) + 1
+            if key in self._values:
+                self._values[key] = self._values[key] + value
+                self._counts[key] += 1
+            else:
+                self._values[key] = value
+                self._counts[key] = 1
 
     def reduce(self) -> dict[str, float]:
         values = to_floats(self._values)

@@ -236,13 +236,11 @@ class OptimizerWrapper(torch.optim.Optimizer):
         Returns:
             The decisions applied now (empty on most steps).
         """
-        step, due = self._check_call(metrics, step)
-        if not due:  # most steps: the checks raised before any change, and ``add`` is all or nothing
-            self._collect(metrics, step, due)
-            return []
         before = (self._step_count, self._metrics.snapshot(), self._retry)
         try:
-            values = self._collect(metrics, step, due)
+            step, values = self._collect(metrics, step)
+            if values is None:
+                return []
             bad = first_non_finite(values)
             if bad is not None:
                 self.log.add_skipped(SkippedDecision(step, f"non-finite metric {bad}={values[bad]}"))
@@ -255,27 +253,6 @@ class OptimizerWrapper(torch.optim.Optimizer):
             self._metrics.restore(before[1])
             self._retry = before[2]
             raise
-
-    def _check_call(self, metrics: Mapping[str, Any], step: int | None) -> tuple[int, bool]:
-        """Check one call's arguments (changing nothing); returns the step and whether a decision is due."""
-        check_metrics(metrics)
-        if step is None:
-            step = self._step_count
-        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise TypeError(f"step must be a non-negative int or None, got step={step!r}")
-        meta = self.meta_optimizer
-        return step, meta.should_update(step) or (self._retry and step >= meta.next_update_step)
-
-    def _collect(self, metrics: Mapping[str, Any], step: int, due: bool) -> dict[str, float] | None:
-        """Accumulate checked metrics; at a decision step also read them (the only host sync) and
-        return them reduced, otherwise ``None``."""
-        self._metrics.add(metrics)
-        self._step_count = step + 1
-        if not due:
-            return None
-        values = self._metrics.reduce()
-        self._metrics.clear()
-        return values
 
     def _decide_and_apply(self, values: dict[str, float], step: int) -> list[Decision]:
         """Decide on finite ``values`` and apply the result, all or nothing: when deciding or
@@ -291,6 +268,23 @@ class OptimizerWrapper(torch.optim.Optimizer):
             plan = self._plan_updates(updates, step, groups)
         self._retry = False
         return self._apply_plan(plan, step, groups)
+
+    def _collect(self, metrics: Mapping[str, Any], step: int | None) -> tuple[int, dict[str, float] | None]:
+        """Check and accumulate one step's metrics; at a decision step, also read them (the only
+        host sync). Returns the step and the reduced metrics, or ``None`` between decisions."""
+        check_metrics(metrics)
+        if step is None:
+            step = self._step_count
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"step must be a non-negative int or None, got step={step!r}")
+        self._step_count = step + 1
+        self._metrics.add(metrics)
+        meta = self.meta_optimizer
+        if not (meta.should_update(step) or (self._retry and step >= meta.next_update_step)):
+            return step, None
+        values = self._metrics.reduce()
+        self._metrics.clear()
+        return step, values
 
     def apply_updates(
         self, updates: list[HParamUpdate], step: int, groups: list[GroupState] | None = None

@@ -138,16 +138,19 @@ def record_from_trajectory(trajectory: Mapping[str, Any], config: Mapping[str, A
         val_loss=[_float(r.get("val_loss")) for r in records],
         train_loss=[_float(r.get("train_loss")) for r in records],
         lr_trace=[_float(r.get("lr")) for r in records],
-        reference_train_loss=[_float(r.get("reference_train_loss")) for r in records]
-        if any("reference_train_loss" in r for r in records) else [],
-        reference_val_loss=[_float(r.get("reference_val_loss")) for r in records]
-        if any("reference_val_loss" in r for r in records) else [],
+        reference_train_loss=_curve(records, "reference_train_loss"),
+        reference_val_loss=_curve(records, "reference_val_loss"),
         lr_changes=lr_changes,
         executed=executed_steps(trajectory.get("reported_steps", []), eval_interval),
         error=trajectory.get("error"),
         order=-1 if finished is None else int(finished),
         eval_interval=eval_interval,
     )
+
+
+def _curve(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    """``key`` of every record (NaN where one lacks it), or ``[]`` when no record has it."""
+    return [_float(r.get(key)) for r in records] if any(key in r for r in records) else []
 
 
 def _trial_name(trial: Any) -> str:
