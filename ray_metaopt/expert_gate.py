@@ -50,8 +50,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from ._validation import check_int, check_range
-from .base import BoundSpec, GroupState, HParamUpdate, MetaOptimizer
-from .frequency import AdaptiveFrequency
+from .base import GroupState, HParamUpdate, MetaOptimizer
 from .moe import PatternSpec, compile_patterns, matches_any
 from .plateau_tracker import strict_is_better
 
@@ -156,8 +155,8 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
             ``benchmarks/seed_usage.py``). ``None``: entropy alone decides.
         metric_window: decisions over which each routing metric is averaged before the criteria
             read it (>= 1), or ``None`` for :func:`default_metric_window` of ``update_frequency``.
-        update_frequency, min_lr, max_lr, max_weight_decay, adaptive_frequency: see
-            :class:`~ray_metaopt.MetaOptimizer`.
+        **base: the :class:`~ray_metaopt.MetaOptimizer` arguments, by keyword: ``update_frequency``
+            (default 1), ``min_lr``, ``max_lr``, ``max_weight_decay``, ``adaptive_frequency``.
 
     Raises:
         ValueError: at wrapper construction, when no param group is a gate group.
@@ -199,19 +198,9 @@ class ExpertGateMetaOptimizer(MetaOptimizer):
         monitor: str = "loss",
         collapse_load: float | None = 2.0,
         metric_window: int | None = None,
-        update_frequency: int = 1,
-        min_lr: BoundSpec = 0.0,
-        max_lr: BoundSpec = None,
-        max_weight_decay: BoundSpec = None,
-        adaptive_frequency: AdaptiveFrequency | Mapping[str, Any] | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            update_frequency,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            max_weight_decay=max_weight_decay,
-            adaptive_frequency=adaptive_frequency,
-        )
+        super().__init__(**base)
         self.gate_lr_factor = _positive("gate_lr_factor", gate_lr_factor)
         self.expert_lr_factor = _positive("expert_lr_factor", expert_lr_factor)
         self.entropy_threshold = check_range("entropy_threshold", entropy_threshold, 0.0, 1.0)

@@ -20,8 +20,7 @@ from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 from ._validation import check_choice, check_int, check_range
-from .base import BoundSpec, GroupState, HParamUpdate, MetaOptimizer
-from .frequency import AdaptiveFrequency
+from .base import GroupState, HParamUpdate, MetaOptimizer
 from .metrics import first_non_finite
 from .plateau_tracker import NOT_COUNTED, mean_and_stderr, noisy_verdict, slope_t, strict_is_better
 
@@ -158,8 +157,8 @@ class PlateauMetaOptimizer(MetaOptimizer):
             (>= 1, ``None`` for no relative cap; ``max_weight_decay`` always applies).
         groups: names, roles or indices of the param groups to act on (``None``: all groups).
             Unknown names raise ``ValueError`` when the wrapper is built.
-        update_frequency, min_lr, max_lr, max_weight_decay, adaptive_frequency: see
-            :class:`~ray_metaopt.MetaOptimizer`.
+        **base: the :class:`~ray_metaopt.MetaOptimizer` arguments, by keyword: ``update_frequency``
+            (default 1), ``min_lr``, ``max_lr``, ``max_weight_decay``, ``adaptive_frequency``.
 
     Example:
         >>> meta = PlateauMetaOptimizer(patience=3, lr_factor=0.5)
@@ -185,22 +184,12 @@ class PlateauMetaOptimizer(MetaOptimizer):
         min_weight_decay_step: float = 1e-4,
         max_weight_decay_factor: float | None = 10.0,
         groups: Sequence[str | int] | None = None,
-        update_frequency: int = 1,
-        min_lr: BoundSpec = 0.0,
-        max_lr: BoundSpec = None,
-        max_weight_decay: BoundSpec = None,
-        adaptive_frequency: AdaptiveFrequency | Mapping[str, Any] | None = None,
         noise_aware: bool | str = "auto",
         window: int | None = None,
         noise_k: float = 1.0,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            update_frequency,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            max_weight_decay=max_weight_decay,
-            adaptive_frequency=adaptive_frequency,
-        )
+        super().__init__(**base)
         self.patience = check_int("patience", patience, minimum=0)
         self.lr_factor = check_range("lr_factor", lr_factor, 0.0, 1.0, low_open=True, high_open=True)
         self.threshold = check_range("threshold", threshold, 0.0, math.inf, high_open=True)

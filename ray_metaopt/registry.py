@@ -289,7 +289,7 @@ def _defaults_only(ctx: PresetContext) -> dict[str, Any]:
 
 
 for _entry in (
-    StrategySpec("none", "ray_metaopt.tune.builders:FixedHyperparameters",
+    StrategySpec("none", "ray_metaopt.training.builders:FixedHyperparameters",
                  "the optimizer alone (constant lr): the baseline", family="baseline", preset=_defaults_only),
     StrategySpec("plateau", "ray_metaopt.plateau:PlateauMetaOptimizer",
                  "PlateauMetaOptimizer: lr x0.5 when val_loss has not improved for `patience` evaluations", monitor="val_loss",

@@ -994,7 +994,7 @@ def test_noise_aware_auto_follows_the_monitor(monitor, expected):
 
 def test_trainable_defaults_keep_the_strict_rule():
     # The provided trainable decides at evaluations on val_loss: exact values, torch's rule.
-    from ray_metaopt.tune.builders import build_meta_optimizer, trial_meta_defaults
+    from ray_metaopt.training.builders import build_meta_optimizer, trial_meta_defaults
 
     for name, cls in (("plateau", plateau.PlateauMetaOptimizer), ("advanced_plateau", NOISY_CLASSES[1])):
         meta = build_meta_optimizer(name, {}, defaults=trial_meta_defaults(name, 20))

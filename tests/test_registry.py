@@ -73,7 +73,7 @@ def test_builtins_are_registered_with_their_monitor_and_family():
 
 def test_a_registered_strategy_reaches_the_trainable(toy):
     from ray_metaopt.tune import TrainingRun, available_strategies
-    from ray_metaopt.tune.builders import trial_meta_defaults
+    from ray_metaopt.training.builders import trial_meta_defaults
 
     assert "halve_on_rise" in available_strategies()
     assert trial_meta_defaults("halve_on_rise", 10) == {

@@ -110,11 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _policy_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs (values as Python literals) naming ``RLMetaOptimizer`` arguments."""
     import ast
-    import inspect
 
     from ..rl import RLMetaOptimizer
+    from ..training.builders import accepted_kwargs
 
-    accepted = set(inspect.signature(RLMetaOptimizer).parameters)
+    accepted = accepted_kwargs(RLMetaOptimizer) or set()
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")

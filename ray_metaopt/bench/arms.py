@@ -311,7 +311,7 @@ def rl_arm_config(ctx: ArmContext, meta: str = "rl", **extra: Any) -> dict[str, 
 
 def moe_task_accepts(key: str) -> bool:
     """Whether the built-in MoE task takes ``task_config[key]`` (e.g. ``z_loss_weight``)."""
-    from ..tune.tasks import MoETask
+    from ..training.tasks import MoETask
 
     return key in inspect.signature(MoETask).parameters
 

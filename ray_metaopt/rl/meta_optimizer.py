@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_choice, check_int, check_range
-from ..base import BoundSpec, GroupState, HParamUpdate, MetaOptimizer
-from ..frequency import AdaptiveFrequency
+from ..base import GroupState, HParamUpdate, MetaOptimizer
 from ..schedules import SCHEDULE_SHAPES
 from .features import FeatureExtractor
 from .persistence import load_policy, policy_state_from_learner
@@ -219,7 +218,8 @@ class RLMetaOptimizer(MetaOptimizer):
             (see Evaluation above). Needs ``frozen=True`` unless it is ``"sample"`` or ``None``.
         greedy: the older spelling: ``True`` is ``frozen_action="greedy"``, ``False`` is
             ``"sample"`` (``None``: ``frozen_action`` decides).
-        min_lr, max_lr, max_weight_decay, adaptive_frequency: see :class:`~ray_metaopt.MetaOptimizer`.
+        **base: the other :class:`~ray_metaopt.MetaOptimizer` arguments, by keyword: ``min_lr``,
+            ``max_lr``, ``max_weight_decay``, ``adaptive_frequency``.
 
     Example:
         >>> meta_opt = RLMetaOptimizer(update_frequency=10, lr_actions=[0.5, 1.0, 2.0],
@@ -284,18 +284,9 @@ class RLMetaOptimizer(MetaOptimizer):
         frozen: bool = False,
         frozen_action: str | None = None,
         greedy: bool | None = None,
-        min_lr: BoundSpec = 0.0,
-        max_lr: BoundSpec = None,
-        max_weight_decay: BoundSpec = None,
-        adaptive_frequency: AdaptiveFrequency | Mapping[str, Any] | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            update_frequency,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            max_weight_decay=max_weight_decay,
-            adaptive_frequency=adaptive_frequency,
-        )
+        super().__init__(update_frequency, **base)
         seed = secrets.randbits(31) if seed is None else check_int("seed", seed, minimum=0)
         self.config = PolicyConfig(
             lr_actions=lr_actions,

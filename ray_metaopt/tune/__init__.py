@@ -1,4 +1,4 @@
-"""Ray Tune integration: the provided trainable, built-in tasks, and helpers for your own trainable.
+"""Ray Tune integration: the provided trainable, Tune callbacks/schedulers/stoppers, helpers for your own trainable.
 
 Example:
     >>> from ray import tune
@@ -6,27 +6,11 @@ Example:
     >>> tune.run(metaopt_trainable, config={"task": "teacher_student", "meta": "plateau"}, num_samples=2)
 """
 
-from .builders import (
-    TrialConfig,
-    available_optimizers,
-    available_strategies,
-    build_meta_optimizer,
-    build_optimizer,
-    default_config,
-    register_strategy,
-    resolve_config,
-)
-from .reporting import (
-    MetricsReporter,
-    hparam_metrics,
-    load_checkpoint,
-    report_metrics,
-    restore_from_tune,
-    save_checkpoint,
-    wrap_optimizer,
-)
-from .tasks import Task, TaskStep, available_tasks, make_task, register_task
-from .trainable import TrainingRun, metaopt_trainable, rebuild_from_result, trainable_with_resources
+# The training layer (Ray-free, :mod:`ray_metaopt.training`), re-exported: a Tune user needs both.
+from .. import training as _training
+from ..training import *  # noqa: F403
+from .reporting import report_metrics, restore_from_tune
+from .trainable import metaopt_trainable, rebuild_from_result, trainable_with_resources
 
 # Experiment-level pieces; they import Ray, so they load on first use.
 _LAZY = {
@@ -50,38 +34,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "MetaAwareScheduler",
-    "MetaOptCallback",
-    "MetaStopper",
-    "MetricsReporter",
-    "Task",
-    "TaskStep",
-    "TrainingRun",
-    "TrialConfig",
-    "available_optimizers",
-    "available_strategies",
-    "available_tasks",
-    "build_meta_optimizer",
-    "build_optimizer",
-    "default_config",
-    "hparam_metrics",
-    "load_checkpoint",
-    "make_task",
-    "meta_search_space",
-    "meta_search_space_names",
-    "metaopt_trainable",
-    "plot_trajectories",
-    "read_trajectory",
-    "rebuild_from_result",
-    "register_meta_search_space",
-    "register_strategy",
-    "register_task",
-    "report_metrics",
-    "resolve_config",
-    "restore_from_tune",
-    "sample_meta_config",
-    "save_checkpoint",
-    "trainable_with_resources",
-    "wrap_optimizer",
-]
+__all__ = sorted(
+    {
+        *(name for name in _training.__all__ if name != "paired_reference"),
+        *_LAZY,
+        "metaopt_trainable",
+        "rebuild_from_result",
+        "report_metrics",
+        "restore_from_tune",
+        "trainable_with_resources",
+    }
+)

@@ -215,7 +215,7 @@ def preset_grid(presets: Mapping[Any, Mapping[str, Any]], key: str) -> dict[str,
         >>> space = preset_grid({"plain": {"meta": "none"}, "plateau": {"meta": "plateau"}}, "_strategy")
         >>> tune.Tuner(metaopt_trainable, param_space={**space, "seed": tune.grid_search([0, 1])})  # 4 trials
     """
-    from .builders import default_config
+    from ..training.builders import default_config
 
     defaults = default_config()
     keys = sorted({k for preset in presets.values() for k in preset})

@@ -32,7 +32,7 @@ from typing import Any
 from ray.tune.stopper import Stopper
 
 from .._validation import check_choice, check_int, check_range
-from .reporting import STOP_REASON_KEY
+from ..training.reporter import STOP_REASON_KEY
 
 DEFAULT_METRIC, DEFAULT_MODE = "val_loss", "min"
 

@@ -306,7 +306,7 @@ def test_rl_lr_plans_follow_the_base_schedules_tuned_lr():
 def test_every_arm_builds_a_valid_trial_config():
     """Each arm's config passes the trainable's own validation and builds its strategy."""
     from ray_metaopt.tune import resolve_config
-    from ray_metaopt.tune.builders import build_meta_optimizer
+    from ray_metaopt.training.builders import build_meta_optimizer
 
     size = SUITE_SIZES["quick"]
     for task in size.tasks:

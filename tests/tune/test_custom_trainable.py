@@ -11,18 +11,10 @@ import pytest
 import torch
 
 from ray_metaopt import OptimizerWrapper
-from ray_metaopt.tune.builders import FixedHyperparameters
-from ray_metaopt.tune.reporting import (
-    CHECKPOINT_FILE,
-    REPORTER_FILE,
-    MetricsReporter,
-    group_labels,
-    hparam_metrics,
-    load_checkpoint,
-    report_metrics,
-    save_checkpoint,
-    wrap_optimizer,
-)
+from ray_metaopt.training.builders import FixedHyperparameters
+from ray_metaopt.training.checkpoint import CHECKPOINT_FILE, REPORTER_FILE
+from ray_metaopt.training.reporter import MetricsReporter, group_labels, hparam_metrics
+from ray_metaopt.tune.reporting import load_checkpoint, report_metrics, save_checkpoint, wrap_optimizer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_trainable.py"
 

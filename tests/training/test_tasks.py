@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_metaopt.moe import ROUTING_METRIC_KEYS
-from ray_metaopt.tune.tasks import (
+from ray_metaopt.training.tasks import (
     _REGISTRY,
     DigitsTask,
     MoETask,
@@ -256,7 +256,7 @@ class _Line(Task):
 
 
 def test_register_a_user_task(monkeypatch):
-    monkeypatch.setattr("ray_metaopt.tune.tasks._REGISTRY", dict(_REGISTRY))
+    monkeypatch.setattr("ray_metaopt.training.tasks._REGISTRY", dict(_REGISTRY))
     register_task("line", _Line)
     assert "line" in available_tasks()
     name, task = make_task("line", {"slope": 3.0}, device="cpu")
@@ -272,10 +272,10 @@ def test_register_a_user_task(monkeypatch):
 
 def test_task_given_as_class_or_import_path():
     assert task_factory(_Line) == ("_Line", _Line)
-    name, factory = task_factory("ray_metaopt.tune.tasks.sequence:SequenceTask")
+    name, factory = task_factory("ray_metaopt.training.tasks.sequence:SequenceTask")
     assert factory is SequenceTask and name == "SequenceTask"
     with pytest.raises(ValueError, match="could not be imported"):
-        task_factory("ray_metaopt.tune.tasks:Missing")
+        task_factory("ray_metaopt.training.tasks:Missing")
 
 
 def test_factory_must_return_a_task():

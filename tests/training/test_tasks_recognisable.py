@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ray_metaopt.tune.tasks import CharLMTask, DigitsCNNTask, DigitsTask, MNIST1DTask, make_task
-from ray_metaopt.tune.tasks import mnist1d as mnist1d_module
-from ray_metaopt.tune.tasks.charlm import clean_play, shakespeare_plays
-from ray_metaopt.tune.tasks.digits import split_indices
+from ray_metaopt.training.tasks import CharLMTask, DigitsCNNTask, DigitsTask, MNIST1DTask, make_task
+from ray_metaopt.training.tasks import mnist1d as mnist1d_module
+from ray_metaopt.training.tasks.charlm import clean_play, shakespeare_plays
+from ray_metaopt.training.tasks.digits import split_indices
 
 NEW = ["charlm", "mnist1d", "digits_cnn"]
 TINY = {"charlm": {"n_embd": 32, "block_size": 16, "val_windows": 16}, "mnist1d": {"channels": 8}, "digits_cnn": {"channels": 4}}
