@@ -16,13 +16,7 @@ torch.set_num_threads(1)
 # sessions, sockets and "current cluster" file in a fresh, short directory of its own: nothing left
 # in /tmp/ray by an earlier run can interfere, and a long TMPDIR cannot push the AF_UNIX socket
 # paths past their length limit.
-# Under pytest-xdist each worker process has its own directory (the workers inherit the controller's
-# environment, and a worker that finishes first removes its directory).
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-_OWN_TMPDIR = None
-if "RAY_TMPDIR" not in os.environ or (_WORKER and os.environ.get("RAY_METAOPT_TEST_TMPDIR") == os.environ["RAY_TMPDIR"]):
-    _OWN_TMPDIR = tempfile.mkdtemp(prefix=f"rmo-{_WORKER or 'main'}-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    os.environ["RAY_TMPDIR"] = os.environ["RAY_METAOPT_TEST_TMPDIR"] = _OWN_TMPDIR
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rmo-", dir="/tmp" if os.path.isdir("/tmp") else None))
 
 # Keep Ray quiet and light in tests (2-core CI machines).
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -54,5 +48,5 @@ def ray_session():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _OWN_TMPDIR is not None:
-        shutil.rmtree(_OWN_TMPDIR, ignore_errors=True)
+    if os.path.basename(os.environ.get("RAY_TMPDIR", "")).startswith("rmo-"):
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)

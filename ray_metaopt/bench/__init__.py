@@ -27,7 +27,7 @@ from dataclasses import asdict, fields
 from typing import Any, Sequence
 
 from .analysis import analyze
-from .arms import SUITE_SIZES, SuiteSize, arms_for, lrs_for
+from .arms import RL_TRAIN_LRS, SUITE_SIZES, SuiteSize, arms_for, lrs_for
 from .report import command_line, machine_info, render_report
 from ..tune.session import add_ray_arguments, init_ray
 from .runner import SuiteRun, TrialRecord, run_suite
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rl-reward", choices=("own", "paired"), default=None,
         help="RL training reward: 'own' (the episode's log-loss drops) or 'paired' (against its base schedule "
         "run first at the same seed: twice the training steps); default: the size's",
+    )
+    parser.add_argument(
+        "--rl-train-lrs", choices=RL_TRAIN_LRS, default=None,
+        help="initial lrs of the RL training episodes: 'grid' (every lr of the grid) or 'stratified' (one "
+        "log-uniform draw in each grid-wide stratum per training seed); default: the size's",
     )
     parser.add_argument(
         "--rl-policy", nargs="+", default=None, metavar="KEY=VALUE",
@@ -154,6 +159,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
         size = size.with_(rl_policy={**size.rl_policy, **_policy_overrides(parser, args.rl_policy)})
     if args.rl_reward is not None:
         size = size.with_(rl_paired_reference=args.rl_reward == "paired")
+    if args.rl_train_lrs is not None:
+        size = size.with_(rl_train_lrs=args.rl_train_lrs)
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
         parser.error(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {args.cpus_per_trial}, {args.gpus_per_trial}")
     if args.num_cpus is not None and args.address is not None:

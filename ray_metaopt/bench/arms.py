@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
+import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
-from .._validation import check_int
+from .._validation import check_choice, check_int
 from ..registry import PresetContext, StrategySpec, preset_strategies, strategy_spec
 from .stats import log_grid
 
@@ -53,6 +55,9 @@ RL_BASE_SCHEDULE = "cosine"
 RL_BASE_ARM = "cosine"
 # 0.5x and 2x the base's tuned lr: where the policy must also beat its base (issue 10).
 RL_NEAR_FACTORS = (0.5, 2.0)
+
+# How the RL training episodes pick their initial lrs (SuiteSize.rl_train_lrs).
+RL_TRAIN_LRS = ("grid", "stratified")
 
 RL_POLICY: dict[str, Any] = {
     "lr_actions": [0.5, 1.0, 2.0],
@@ -87,7 +92,11 @@ class SuiteSize:
         pbt_perturbation_evals: PBT's perturbation interval, in evaluations.
         pbt_seeds: seeds of the PBT experiments (``None``: ``seeds``), one experiment each.
         rl_tasks: tasks the RL policy is trained and evaluated on.
-        rl_train_seeds: seeds of the training episodes; each runs at every lr of the grid.
+        rl_train_seeds: seeds of the training episodes; each runs ``len(lr_grid)`` episodes.
+        rl_train_lrs: the initial lrs of a training seed's episodes: ``"grid"``, every lr of
+            ``lr_grid``; ``"stratified"``, one lr drawn log-uniformly in each of ``len(lr_grid)``
+            equal log-width strata spanning the grid's range (its own draw per seed), so that
+            the policy sees initial lrs between the grid's points too (see :meth:`train_lrs`).
         rl_update_every: steps between RL decisions.
         rl_paired_reference: the training episodes run with ``paired_reference=True`` (each trial
             first runs its base schedule at the same seed; the reward is measured against it;
@@ -119,6 +128,7 @@ class SuiteSize:
     rl_update_every: int
     moe_tasks: tuple[str, ...] = ("moe",)
     rl_paired_reference: bool = False
+    rl_train_lrs: str = "grid"
     rl_policy: Mapping[str, Any] = field(default_factory=dict)
     pbt_seeds: tuple[int, ...] | None = None
     plateau_patience: int | None = None
@@ -136,6 +146,7 @@ class SuiteSize:
         for task in self.tasks:
             if task not in self.max_steps:
                 raise ValueError(f"max_steps has no entry for task {task!r}, got max_steps={dict(self.max_steps)}")
+        check_choice("rl_train_lrs", self.rl_train_lrs, RL_TRAIN_LRS)
         for seed in self.rl_train_seeds:
             if seed in self.seeds:
                 raise ValueError(f"rl_train_seeds must be fresh seeds, not evaluation seeds; {seed} is in both")
@@ -143,6 +154,20 @@ class SuiteSize:
     @property
     def default_lr(self) -> float:
         return self.lr_grid[self.default_lr_index]
+
+    def train_lrs(self, seed: int) -> list[float]:
+        """The initial lrs of training seed ``seed``'s episodes, lowest first (see ``rl_train_lrs``).
+
+        Example:
+            >>> [round(lr, 5) for lr in SUITE_SIZES["quick"].with_(rl_train_lrs="stratified").train_lrs(100)][:2]
+            [0.00012, 0.00075]
+        """
+        if self.rl_train_lrs == "grid":
+            return list(self.lr_grid)
+        low, high = math.log(min(self.lr_grid)), math.log(max(self.lr_grid))
+        width = (high - low) / len(self.lr_grid)
+        rng = random.Random(seed)  # seed-specific, the same in every run
+        return [math.exp(low + (k + rng.random()) * width) for k in range(len(self.lr_grid))]
 
     def evaluations(self, task: str) -> int:
         return -(-self.max_steps[task] // self.eval_interval)

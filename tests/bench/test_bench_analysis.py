@@ -174,6 +174,25 @@ def test_rl_reward_flag_sets_the_sizes_paired_reference():
     assert _parse(["--quick", "--rl-reward", "own"])[1].rl_paired_reference is False
 
 
+def test_stratified_training_lrs_cover_the_grids_range_one_per_stratum():
+    import math
+
+    from ray_metaopt.bench import _parse
+
+    size = _parse(["--quick", "--rl-train-lrs", "stratified"])[1]
+    assert size.rl_train_lrs == "stratified" and _parse(["--quick"])[1].train_lrs(100) == list(size.lr_grid)
+    low, high = math.log10(min(size.lr_grid)), math.log10(max(size.lr_grid))
+    width = (high - low) / len(size.lr_grid)
+    for seed in size.rl_train_seeds:
+        lrs = size.train_lrs(seed)
+        assert lrs == size.train_lrs(seed)  # the same draw in every run
+        assert [int((math.log10(lr) - low) // width) for lr in lrs] == list(range(len(size.lr_grid)))
+    assert size.train_lrs(100) != size.train_lrs(101)  # each seed its own draw
+    assert size_from_dict(size_to_dict(size)).train_lrs(100) == size.train_lrs(100)
+    with pytest.raises(ValueError, match="rl_train_lrs must be one of \\['grid', 'stratified'\\], got rl_train_lrs='dense'"):
+        size.with_(rl_train_lrs="dense")
+
+
 def test_rl_policy_flag_overrides_the_policy_of_every_rl_arm():
     from ray_metaopt.bench import _parse
     from ray_metaopt.bench.arms import RL_POLICY, ArmContext, rl_arm_config
