@@ -26,7 +26,7 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray (4 logical CPUs; the real GPUs, or 4 simulated ones) shared by every test.
+    """A real local Ray (4 logical CPUs; the real GPUs, or 2 simulated ones) shared by every test.
 
     Tests that start their own cluster (``cluster`` marker) run their Ray client in a subprocess
     so they never conflict with this one.
@@ -37,7 +37,7 @@ def ray_session():
         ray.init(
             address="local",  # never attach to a cluster another test or process started
             num_cpus=4,
-            num_gpus=torch.cuda.device_count() or 4,  # simulated GPUs where there is no CUDA
+            num_gpus=torch.cuda.device_count() or 2,  # simulated GPUs where there is no CUDA (2: each is a trial start-up in the placement test)
             include_dashboard=False,
             namespace="ray_metaopt_tests",
             log_to_driver=False,

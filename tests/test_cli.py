@@ -258,62 +258,8 @@ def test_summary_per_strategy_over_seeds():
     assert lines[3].split() == ["rl", "0/1", "-", "-", "-"]
 
 
-@pytest.mark.cluster
-@pytest.mark.ray
-@pytest.mark.slow
-def test_address_runs_on_an_existing_cluster(tmp_path):
-    """``--address``: the CLI joins a running cluster (``ray start --head``, token auth) instead of
-    starting its own Ray, and the run completes there; without the token it says how to connect."""
-    sys.path.insert(0, os.path.join(REPO, "tests", "cluster"))
-    try:
-        from local_cluster import LocalRayCluster  # the cluster tests' harness (tests/cluster)
-    finally:
-        sys.path.pop(0)
-
-    driver = tmp_path / "driver.py"
-    driver.write_text("import sys\nfrom ray_metaopt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    out = tmp_path / "results"
-    with LocalRayCluster() as cluster:
-        cluster.start_head(num_cpus=2)
-        # Without the cluster's token (none in the environment, none in ~/.ray) the CLI says how to
-        # connect instead of Ray's bare ConnectionError.
-        anonymous = {k: v for k, v in cluster.env("anonymous").items() if not k.startswith("RAY_AUTH")}
-        anonymous["HOME"] = str(tmp_path / "home")
-        refused = subprocess.run(
-            [sys.executable, str(driver), "--address", cluster.address, "--smoke", "--no-plot"],
-            env=anonymous,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert refused.returncode != 0
-        assert f"the Ray cluster at {cluster.address} refused this driver" in refused.stderr, refused.stderr[-3000:]
-        assert "RAY_AUTH_MODE=token" in refused.stderr
-        proc = cluster.start_driver(
-            driver,
-            "--smoke",
-            "--strategies",
-            "none",
-            "rl",
-            "--no-plot",
-            "--output",
-            str(out),
-            "--verbose",
-            "0",
-        )
-        try:
-            proc.wait(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log = cluster.tail(proc.log_path, 80)
-        assert proc.returncode == 0, log
-        assert f"Ray at {cluster.address}" in log
-        with open(out / "results.json") as f:
-            summary = json.load(f)
-        assert [t["status"] for t in summary["trials"]] == ["done", "done"]
-        assert summary["policy_stats"]["rollouts/transitions"] > 0
-        assert not (out / "lr_loss.png").exists()  # --no-plot
+# `--address` on a running two-node cluster (token auth), and its message without the token:
+# tests/cluster/test_job_submission.py, on that test's cluster.
 
 
 @pytest.mark.parametrize(

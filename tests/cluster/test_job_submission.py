@@ -5,7 +5,8 @@ API: ``ray job submit --address http://<head>:8265 -- bash -c "cd <repo> && pyth
 examples/shared_rl_policy.py --address auto ..."`` with the cluster's token. This test runs that
 command, and the guide's ``ray-metaopt --address auto`` comparison, against a head (dashboard on)
 and a worker started with ``ray start``, token authentication on; then checks the job with
-``ray job list`` / ``ray job logs`` and that a client without the token is refused. The job API
+``ray job list`` / ``ray job logs``, and that a job client and a ``ray-metaopt --address host:port``
+driver without the token are refused (the CLI saying how to connect). The job API
 needs ``ray[default]`` (the ``cluster`` extra, part of ``test``).
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,11 +82,26 @@ def test_guide_job_submission_on_two_nodes(tmp_path):
             f"--storage-path {storage} --output {output_dir}",
         )
         assert cli.returncode == 0, (cli.stdout + cli.stderr)[-6000:]
-        rows = json.loads((output_dir / "results.json").read_text())["trials"]
+        results = json.loads((output_dir / "results.json").read_text())
+        rows = results["trials"]
         assert sorted(r["strategy"] for r in rows) == ["none", "plateau", "rl"]
-        assert all(r["error"] is None for r in rows), rows
+        assert all(r["error"] is None and r["status"] == "done" for r in rows), rows
+        assert results["policy_stats"]["rollouts/transitions"] > 0  # the rl trial fed the cluster's actor
 
-        # A client without the cluster's token (none in the environment, none in ~/.ray) is refused.
+        # A driver outside the cluster without its token: the CLI says how to connect instead of
+        # Ray's bare ConnectionError (`--address host:port`, the other way the guide connects).
+        anonymous = {k: v for k, v in cluster.env("anonymous").items() if not k.startswith("RAY_AUTH")}
+        anonymous["HOME"] = str(tmp_path / "home")
+        refused = subprocess.run(
+            [sys.executable, "-c", "import sys; from ray_metaopt.cli import main; sys.exit(main(sys.argv[1:]))",
+             "--address", cluster.address, "--smoke", "--no-plot"],
+            env=anonymous, capture_output=True, text=True, timeout=180,
+        )
+        assert refused.returncode != 0
+        assert f"the Ray cluster at {cluster.address} refused this driver" in refused.stderr, refused.stderr[-3000:]
+        assert "RAY_AUTH_MODE=token" in refused.stderr
+
+        # A job client without the cluster's token (none in the environment, none in ~/.ray) is refused.
         anonymous = {k: v for k, v in cluster.env("anonymous").items() if k != "RAY_AUTH_TOKEN"}
         anonymous["HOME"] = str(tmp_path / "home")
         refused = cluster.ray_cli("job", "list", "--address", url, env=anonymous)

@@ -1,7 +1,7 @@
-"""A real two-node Ray cluster on 127.0.0.1 runs the shared-policy experiment, and survives losing
-its worker node.
+"""A real two-node Ray cluster on 127.0.0.1 runs the shared-policy experiment, fed from both
+nodes, and survives losing its worker node.
 
-Each test starts its own cluster (``ray start --head`` + ``ray start --address``, separate temp
+The test starts its own cluster (``ray start --head`` + ``ray start --address``, separate temp
 dirs, token authentication) with :class:`local_cluster.LocalRayCluster`, runs
 ``shared_policy_driver.py`` against it in a subprocess, and stops every process it started, also
 when the test fails. The pytest process's own local Ray (``ray_session``) is never involved.
@@ -44,43 +44,6 @@ def _check_completed(result: dict, max_steps: int) -> None:
         assert trial["decisions"] >= 1  # the RL strategy acted
 
 
-@pytest.mark.cluster
-@pytest.mark.slow
-def test_shared_policy_experiment_on_two_nodes(tmp_path):
-    out = tmp_path / "result.json"
-    with LocalRayCluster() as cluster:
-        # one CPU per node and two one-CPU trials: one trial on each node, whatever the scheduler prefers
-        cluster.start_head(num_cpus=1)
-        cluster.add_worker(num_cpus=1)
-        driver = cluster.start_driver(
-            DRIVER,
-            *("--out", str(out), "--work-dir", str(tmp_path / "work")),
-            *("--trials", "2", "--max-steps", "120", "--pause-s", "0.2"),
-        )
-        _wait_driver(cluster, driver, DRIVER_TIMEOUT_S)
-    assert cluster.processes() == []  # every process the cluster started is gone
-    result = json.loads(out.read_text())
-    nodes = result["nodes"]
-    assert set(nodes) == {"head", "worker1"} and len(set(nodes.values())) == 2
-    _check_completed(result, 120)
-
-    # trials ran on both nodes
-    trial_node = {t["trial_id"]: t["node_ids"] for t in result["trials"]}
-    assert all(len(n) == 1 for n in trial_node.values())  # no failures, so no moves
-    assert {n[0] for n in trial_node.values()} == set(nodes.values())
-
-    # the policy actor (on the head) received rollouts from trials on both nodes, and learned
-    stats = result["final_stats"]
-    assert result["actor_node"] == nodes["head"]
-    per_trial = stats["rollouts/transitions_per_trial"]
-    assert set(per_trial) == set(trial_node), per_trial  # sources are the Tune trial ids
-    fed_from = {trial_node[tid][0] for tid, count in per_trial.items() if count > 0}
-    assert fed_from == set(nodes.values())
-    assert stats["rollouts/transitions"] == sum(per_trial.values())
-    assert stats["policy/updates"] >= 2 and stats["policy/version"] == stats["policy/updates"]
-    assert stats["actor/restores"] == 0
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -109,7 +72,7 @@ def test_experiment_survives_losing_the_worker_node(tmp_path):
             *("--max-steps", str(max_steps), "--eval-interval", str(eval_interval), "--pause-s", "0.4"),
         )
         # Kill the worker node once its trial has checkpointed twice (mid-run: it has 8
-        # evaluations) and the policy has learned something.
+        # evaluations), the policy has learned something, and the worker's trial has fed it.
         deadline = time.monotonic() + 90
         stats_at_kill = None
         while time.monotonic() < deadline:
@@ -119,8 +82,15 @@ def test_experiment_survives_losing_the_worker_node(tmp_path):
             stats = [s for s in _read_jsonl(work / "stats.jsonl") if "error" not in s]
             if nodes_file.exists() and stats and stats[-1]["policy/version"] >= 1:
                 worker = json.loads(nodes_file.read_text())["worker1"]
-                progress = [row for p in (work / "progress").glob("*.jsonl") for row in _read_jsonl(p)]
-                if any(p["node_id"] == worker and p["step"] >= 2 * eval_interval for p in progress):
+                on_worker = {
+                    p.stem
+                    for p in (work / "progress").glob("*.jsonl")
+                    if any(r["node_id"] == worker and r["step"] >= 2 * eval_interval for r in _read_jsonl(p))
+                }
+                # ... and the actor has counted rollouts from the worker's trial (stats are polled,
+                # so on a loaded machine they can lag the trial's own progress)
+                fed = stats[-1].get("rollouts/transitions_per_trial", {})
+                if any(fed.get(tid, 0) > 0 for tid in on_worker):
                     stats_at_kill = stats[-1]
                     break
             time.sleep(0.2)
@@ -154,6 +124,18 @@ def test_experiment_survives_losing_the_worker_node(tmp_path):
         if trial not in moved:  # ran on the head only, every evaluation reported once
             assert [h[0] for h in trial["history"]] == [nodes["head"]] * (max_steps // eval_interval)
             assert [h[1] for h in trial["history"]] == list(range(eval_interval, max_steps + 1, eval_interval))
+
+    # Before the kill, one shared policy learned from both nodes: the actor is on the head, its
+    # rollout sources are the Tune trial ids, and the worker's trial had fed it from the worker.
+    # (The clean two-node run without a kill: tests/cluster/test_job_submission.py.)
+    first_node = {t["trial_id"]: t["history"][0][0] for t in result["trials"]}
+    assert sorted(first_node.values()) == sorted(nodes.values())  # one trial started on each node
+    assert result["actor_node"] == nodes["head"]
+    at_kill = stats_at_kill["rollouts/transitions_per_trial"]
+    assert set(at_kill) <= set(first_node), at_kill
+    assert nodes["worker1"] in {first_node[tid] for tid, count in at_kill.items() if count > 0}, at_kill
+    assert set(result["final_stats"]["rollouts/transitions_per_trial"]) == set(first_node)
+    assert all(count > 0 for count in result["final_stats"]["rollouts/transitions_per_trial"].values())
 
     # the policy actor kept its learning: never restarted, version and counters never went back
     final = result["final_stats"]
