@@ -6,9 +6,10 @@ argument and the value received (``"lr_factor must be in (0, 1), got lr_factor=1
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable, Mapping
 
 
 def _is_real(value: Any) -> bool:
@@ -85,3 +86,40 @@ def check_optional_mapping(name: str, value: Any) -> Any:
     if value is not None and not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a dict or None, got {name}={value!r} ({type(value).__name__})")
     return value
+
+
+def accepted_kwargs(factory: Callable) -> set[str] | None:
+    """Keyword arguments ``factory`` takes, following ``**kwargs`` up a class's bases; None if unknown."""
+    targets = (
+        [c.__init__ for c in factory.__mro__ if "__init__" in vars(c)]
+        if inspect.isclass(factory)
+        else [factory]
+    )
+    accepted: set[str] = set()
+    for target in targets:
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            return None
+        accepted |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return accepted - {"self"}
+    return None  # **kwargs all the way up: anything may be accepted
+
+
+def check_known_keys(
+    name: str, config: Mapping[str, Any], accepted: set[str] | None, what: str, *, hidden: tuple[str, ...] = ()
+) -> None:
+    """Reject keys of ``config`` (the argument ``name``) that ``what`` does not accept.
+
+    ``accepted`` is from :func:`accepted_kwargs` (``None``: anything goes); ``hidden`` names are
+    accepted but not listed (the caller sets them).
+    """
+    if accepted is None:
+        return
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{name} has keys {unknown} that {what} does not accept; "
+            f"accepted keys are {sorted(accepted - set(hidden))}"
+        )

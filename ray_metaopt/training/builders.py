@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .._validation import check_choice, check_int, check_range
+from .._validation import accepted_kwargs, check_choice, check_int, check_known_keys, check_range
 from ..base import GroupState, HParamUpdate, MetaOptimizer
 from ..metrics import REDUCTIONS
 from ..registry import default_monitor, load_path, resolve_strategy, strategy_names
@@ -115,12 +115,7 @@ def check_optimizer_config(
         raise TypeError(f"optimizer_config must be a dict, got optimizer_config={optimizer_config!r}")
     accepted = _signature_defaults(cls)
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
-    unknown = sorted(set(optimizer_config) - set(accepted))
-    if unknown and not takes_kwargs:
-        raise ValueError(
-            f"optimizer_config has keys {unknown} that {cls.__name__} does not accept; "
-            f"accepted keys are {sorted(accepted)}"
-        )
+    check_known_keys("optimizer_config", optimizer_config, None if takes_kwargs else set(accepted), cls.__name__)
     config = dict(optimizer_config)
     if "lr" in config:
         config["lr"] = check_range(
@@ -185,25 +180,6 @@ def strategy_factory(meta: str | Callable[..., MetaOptimizer]) -> tuple[str, Cal
     return resolve_strategy(meta)
 
 
-def accepted_kwargs(factory: Callable) -> set[str] | None:
-    """Keyword arguments ``factory`` takes, following ``**kwargs`` up a class's bases; None if unknown."""
-    targets = (
-        [c.__init__ for c in factory.__mro__ if "__init__" in vars(c)]
-        if inspect.isclass(factory)
-        else [factory]
-    )
-    accepted: set[str] = set()
-    for target in targets:
-        try:
-            params = inspect.signature(target).parameters
-        except (TypeError, ValueError):
-            return None
-        accepted |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return accepted - {"self"}
-    return None  # **kwargs all the way up: anything may be accepted
-
-
 def build_meta_optimizer(
     meta: str | Callable[..., MetaOptimizer] = "plateau",
     meta_config: Mapping[str, Any] | None = None,
@@ -230,14 +206,8 @@ def build_meta_optimizer(
         )
     config = dict(meta_config or {})
     accepted = accepted_kwargs(factory)
+    check_known_keys("meta_config", config, accepted, f"meta={name!r} ({getattr(factory, '__name__', factory)})")
     if accepted is not None:
-        unknown = sorted(set(config) - accepted)
-        if unknown:
-            raise ValueError(
-                f"meta_config has keys {unknown} that meta={name!r} "
-                f"({getattr(factory, '__name__', factory)}) does not accept; "
-                f"accepted keys are {sorted(accepted)}"
-            )
         implied = {**dict(defaults or {}), "total_steps": total_steps, "seed": seed}
         for key, value in implied.items():
             if value is not None and key not in config and key in accepted:

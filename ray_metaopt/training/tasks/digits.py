@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..._validation import check_int, check_range
-from .base import Task, TaskStep, Throughput, check_scale
+from .base import Task, TaskStep, Throughput
 
 
 def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,48 +31,17 @@ def split_indices(n: int, val_fraction: float, data_seed: int) -> tuple[torch.Te
     return order[n_val:], order[:n_val]
 
 
-class DigitsTask(Task):
-    """MLP classifier on scikit-learn's digits (1,797 8x8 images, 10 classes).
-
-    A small real data set with a fixed train/validation split (by ``data_seed``): training
-    batches are drawn with replacement from the training part, so long runs overfit and
-    ``val_loss`` turns up, which is what weight decay and lr cuts are for. Reports
-    ``digits/val_accuracy``.
-
-    Args:
-        hidden: hidden width (times ``scale``).
-        depth: hidden layers.
-        dropout: dropout after each hidden layer (0 disables it).
-        val_fraction: share of the images held out for validation.
-        scale: size knob: 1 for CI on CPUs, larger for a GPU.
-        data_seed: seed of the train/validation split.
-        seed: the trial's seed (init, batch order, dropout).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-
-    Example:
-        >>> task = DigitsTask(seed=0, device="cpu")
-        >>> task.evaluate(task.build_model())["val_accuracy"] < 0.5
-        True
-    """
+class _DigitsSplit(Task):
+    """scikit-learn's digits split into train/validation by ``data_seed``: the batches, the
+    evaluation and the sizes shared by :class:`DigitsTask` and :class:`DigitsCNNTask`, which
+    each add a model."""
 
     num_classes = 10
 
     def __init__(
-        self,
-        *,
-        hidden: int = 64,
-        depth: int = 1,
-        dropout: float = 0.0,
-        val_fraction: float = 0.25,
-        scale: int = 1,
-        data_seed: int = 0,
-        seed: int = 0,
-        device: str | torch.device | None = "auto",
+        self, *, dropout: float = 0.0, val_fraction: float = 0.25, data_seed: int = 0, **base: Any
     ) -> None:
-        super().__init__(seed=seed, device=device)
-        self.scale = check_scale(scale)
-        self.hidden = check_int("hidden", hidden, minimum=1) * self.scale
-        self.depth = check_int("depth", depth, minimum=1)
+        super().__init__(**base)
         self.dropout = check_range("dropout", dropout, 0.0, 1.0, high_open=True)
         self.val_fraction = check_range("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         self.data_seed = check_int("data_seed", data_seed, minimum=0)
@@ -78,18 +49,6 @@ class DigitsTask(Task):
         train, val = split_indices(len(y), self.val_fraction, self.data_seed)
         self.x_train, self.y_train = x[train].to(self.device), y[train].to(self.device)
         self.x_val, self.y_val = x[val].to(self.device), y[val].to(self.device)
-
-    def build_model(self) -> nn.Module:
-        layers: list[nn.Module] = []
-        width = self.x_train.shape[1]
-        with self.seeded():
-            for _ in range(self.depth):
-                layers += [nn.Linear(width, self.hidden), nn.ReLU()]
-                if self.dropout > 0:
-                    layers.append(nn.Dropout(self.dropout))
-                width = self.hidden
-            layers.append(nn.Linear(width, self.num_classes))
-        return nn.Sequential(*layers).to(self.device)
 
     def training_step(self, model: nn.Module, batch_size: int) -> TaskStep:
         idx = torch.randint(len(self.y_train), (batch_size,), generator=self.generator).to(self.device)
@@ -107,6 +66,47 @@ class DigitsTask(Task):
         return {"train_size": float(len(self.y_train)), "val_size": float(len(self.y_val))}
 
 
+class DigitsTask(_DigitsSplit):
+    """MLP classifier on scikit-learn's digits (1,797 8x8 images, 10 classes).
+
+    A small real data set with a fixed train/validation split (by ``data_seed``): training
+    batches are drawn with replacement from the training part, so long runs overfit and
+    ``val_loss`` turns up, which is what weight decay and lr cuts are for. Reports
+    ``digits/val_accuracy``.
+
+    Args:
+        hidden: hidden width (times ``scale``).
+        depth: hidden layers.
+        **split: ``dropout`` (after each hidden layer; 0 disables it), ``val_fraction`` (share of
+            the images held out for validation), ``data_seed`` (seed of the train/validation
+            split), and the :class:`~ray_metaopt.training.tasks.Task` arguments ``seed`` (the
+            trial's: init, batch order, dropout), ``device`` and ``scale`` (1 for CI on CPUs,
+            larger for a GPU).
+
+    Example:
+        >>> task = DigitsTask(seed=0, device="cpu")
+        >>> task.evaluate(task.build_model())["val_accuracy"] < 0.5
+        True
+    """
+
+    def __init__(self, *, hidden: int = 64, depth: int = 1, **split: Any) -> None:
+        super().__init__(**split)
+        self.hidden = check_int("hidden", hidden, minimum=1) * self.scale
+        self.depth = check_int("depth", depth, minimum=1)
+
+    def build_model(self) -> nn.Module:
+        layers: list[nn.Module] = []
+        width = self.x_train.shape[1]
+        with self.seeded():
+            for _ in range(self.depth):
+                layers += [nn.Linear(width, self.hidden), nn.ReLU()]
+                if self.dropout > 0:
+                    layers.append(nn.Dropout(self.dropout))
+                width = self.hidden
+            layers.append(nn.Linear(width, self.num_classes))
+        return nn.Sequential(*layers).to(self.device)
+
+
 class _DigitsCNN(nn.Module):
     def __init__(self, channels: int, num_classes: int, dropout: float) -> None:
         super().__init__()
@@ -122,7 +122,7 @@ class _DigitsCNN(nn.Module):
         return self.head(self.drop(self.features(x.view(-1, 1, 8, 8)).flatten(1)))
 
 
-class DigitsCNNTask(DigitsTask):
+class DigitsCNNTask(_DigitsSplit):
     """A small 2-D CNN on scikit-learn's 8x8 digits (same data and split as :class:`DigitsTask`).
 
     Two 3x3 convolutions (``channels`` and ``2 * channels``), a 2x2 max-pool and a linear head.
@@ -131,32 +131,15 @@ class DigitsCNNTask(DigitsTask):
 
     Args:
         channels: channels of the first convolution (times ``scale``).
-        dropout: dropout before the head (0 disables it).
-        val_fraction: share of the images held out for validation.
-        scale: size knob: 1 for CI on CPUs, larger for a GPU.
-        data_seed: seed of the train/validation split.
-        seed: the trial's seed (init, batch order, dropout).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **split: as for :class:`DigitsTask` (``dropout`` here is before the head).
 
     Example:
         >>> task = DigitsCNNTask(seed=0, device="cpu")
         >>> task.training_step(task.build_model(), batch_size=8).loss.backward()
     """
 
-    def __init__(
-        self,
-        *,
-        channels: int = 16,
-        dropout: float = 0.0,
-        val_fraction: float = 0.25,
-        scale: int = 1,
-        data_seed: int = 0,
-        seed: int = 0,
-        device: str | torch.device | None = "auto",
-    ) -> None:
-        super().__init__(
-            dropout=dropout, val_fraction=val_fraction, scale=scale, data_seed=data_seed, seed=seed, device=device
-        )
+    def __init__(self, *, channels: int = 16, **split: Any) -> None:
+        super().__init__(**split)
         self.channels = check_int("channels", channels, minimum=1) * self.scale
         self.throughput = Throughput()
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import functools
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..._validation import check_int, check_range
-from .base import Task, TaskStep, Throughput, check_scale
+from .base import Task, TaskStep, Throughput
 
 EXTRA_HINT = "pip install 'ray_metaopt[tasks]' (or pip install mnist1d)"
 
@@ -75,9 +77,8 @@ class MNIST1DTask(Task):
         channels: convolution channels (times ``scale``).
         depth: strided convolution layers (1 to 4).
         label_smoothing: label smoothing of the training loss (validation loss has none).
-        scale: size knob: 1 for CI on CPUs, larger for a GPU.
-        seed: the trial's seed (init, batch order).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **base: ``seed`` (the trial's: init, batch order), ``device`` and ``scale``
+            (1 for CI on CPUs, larger for a GPU): see :class:`~ray_metaopt.training.tasks.Task`.
 
     Raises:
         ImportError: the ``mnist1d`` package (extra ``[tasks]``) is not installed.
@@ -91,12 +92,9 @@ class MNIST1DTask(Task):
         channels: int = 32,
         depth: int = 3,
         label_smoothing: float = 0.0,
-        scale: int = 1,
-        seed: int = 0,
-        device: str | torch.device | None = "auto",
+        **base: Any,
     ) -> None:
-        super().__init__(seed=seed, device=device)
-        self.scale = check_scale(scale)
+        super().__init__(**base)
         self.channels = check_int("channels", channels, minimum=1) * self.scale
         self.depth = check_int("depth", depth, minimum=1)
         if self.depth > 4:

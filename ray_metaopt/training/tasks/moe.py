@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..._validation import check_int, check_range
 from ...moe import TinyMoE, moe_param_groups, routing_metrics
-from .base import Task, TaskStep, check_scale
+from .base import Task, TaskStep
 
 
 class MoETask(Task):
@@ -41,10 +43,9 @@ class MoETask(Task):
         z_loss_weight: weight of the router z-loss (0, the default, disables it; ST-MoE uses 1e-3).
         gate_lr_scale: the gate groups' lr as a multiple of the configured lr.
         val_size: validation samples (times ``scale``).
-        scale: size knob: 1 for CI on CPUs, larger for a GPU.
         data_seed: seed of the clusters, target maps and validation set.
-        seed: the trial's seed (init, batch stream).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **base: ``seed`` (the trial's: init, batch stream), ``device`` and ``scale``
+            (1 for CI on CPUs, larger for a GPU): see :class:`~ray_metaopt.training.tasks.Task`.
 
     Example:
         >>> task = MoETask(seed=0, device="cpu")
@@ -68,12 +69,10 @@ class MoETask(Task):
         z_loss_weight: float = 0.0,
         gate_lr_scale: float = 1.0,
         val_size: int = 1024,
-        scale: int = 1,
         data_seed: int = 0,
-        seed: int = 0,
-        device: str | torch.device | None = "auto",
+        **base: Any,
     ) -> None:
-        super().__init__(seed=seed, device=device)
+        super().__init__(**base)
         self.in_dim = check_int("in_dim", in_dim, minimum=1)
         self.out_dim = check_int("out_dim", out_dim, minimum=1)
         self.num_clusters = check_int("num_clusters", num_clusters, minimum=1)
@@ -83,7 +82,6 @@ class MoETask(Task):
         self.top_k = check_int("top_k", top_k, minimum=1)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got top_k={top_k}")
-        self.scale = check_scale(scale)
         self.hidden = check_int("hidden", hidden, minimum=1) * self.scale
         self.separation = check_range("separation", separation, 0.0)
         self.noise_std = check_range("noise_std", noise_std, 0.0, 1e3)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..._validation import check_int
-from .base import Task, TaskStep, check_scale
+from .base import Task, TaskStep
 
 
 class _GRUTagger(nn.Module):
@@ -38,10 +40,9 @@ class SequenceTask(Task):
         hidden: GRU width (times ``scale``).
         layers: GRU layers.
         val_size: validation sequences (times ``scale``).
-        scale: size knob: 1 for CI on CPUs, larger for a GPU.
         data_seed: seed of the validation set.
-        seed: the trial's seed (init, batch stream).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **base: ``seed`` (the trial's: init, batch stream), ``device`` and ``scale``
+            (1 for CI on CPUs, larger for a GPU): see :class:`~ray_metaopt.training.tasks.Task`.
 
     Example:
         >>> task = SequenceTask(delay=2, seed=0, device="cpu")
@@ -59,17 +60,14 @@ class SequenceTask(Task):
         hidden: int = 48,
         layers: int = 1,
         val_size: int = 512,
-        scale: int = 1,
         data_seed: int = 0,
-        seed: int = 0,
-        device: str | torch.device | None = "auto",
+        **base: Any,
     ) -> None:
-        super().__init__(seed=seed, device=device)
+        super().__init__(**base)
         self.vocab = check_int("vocab", vocab, minimum=2)
         self.delay = check_int("delay", delay, minimum=1)
         self.seq_len = check_int("seq_len", seq_len, minimum=self.delay + 1)
         self.embed = check_int("embed", embed, minimum=1)
-        self.scale = check_scale(scale)
         self.hidden = check_int("hidden", hidden, minimum=1) * self.scale
         self.layers = check_int("layers", layers, minimum=1)
         self.val_size = check_int("val_size", val_size, minimum=1) * self.scale

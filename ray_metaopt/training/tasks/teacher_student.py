@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..._validation import check_int, check_range
-from .base import Task, TaskStep, check_scale
+from .base import Task, TaskStep
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, depth: int, activation: type[nn.Module]) -> nn.Sequential:
@@ -37,10 +39,9 @@ class TeacherStudentTask(Task):
         depth: student hidden layers.
         noise_std: label noise standard deviation (> 0 keeps a visible floor).
         val_size: validation samples (times ``scale``).
-        scale: size knob: 1 for CI on CPUs, 4-16 for a GPU.
         data_seed: seed of the teacher and the validation set (the problem itself).
-        seed: the trial's seed (student init, batch stream).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        **base: ``seed`` (the trial's: student init, batch stream), ``device`` and ``scale``
+            (1 for CI on CPUs, larger for a GPU): see :class:`~ray_metaopt.training.tasks.Task`.
 
     Example:
         >>> task = TeacherStudentTask(noise_std=0.1, seed=1, device="cpu")
@@ -58,16 +59,13 @@ class TeacherStudentTask(Task):
         depth: int = 2,
         noise_std: float = 0.1,
         val_size: int = 1024,
-        scale: int = 1,
         data_seed: int = 0,
-        seed: int = 0,
-        device: str | torch.device | None = "auto",
+        **base: Any,
     ) -> None:
-        super().__init__(seed=seed, device=device)
+        super().__init__(**base)
         self.in_dim = check_int("in_dim", in_dim, minimum=1)
         self.out_dim = check_int("out_dim", out_dim, minimum=1)
         self.teacher_hidden = check_int("teacher_hidden", teacher_hidden, minimum=1)
-        self.scale = check_scale(scale)
         self.hidden = check_int("hidden", hidden, minimum=1) * self.scale
         self.depth = check_int("depth", depth, minimum=1)
         self.noise_std = check_range("noise_std", noise_std, 0.0, 1e3)
