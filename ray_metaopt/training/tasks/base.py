@@ -199,3 +199,41 @@ class Throughput:
         self._since = now if self._since is not None else None
         self._samples = self._tokens = 0
         return out
+
+
+class ArrayClassificationTask(Task):
+    """A classifier on fixed in-memory tensors, the shared half of the built-in vision tasks.
+
+    A subclass sets ``x_train``, ``y_train``, ``x_val``, ``y_val`` (on :attr:`device`) and
+    ``num_classes`` in ``__init__`` and writes :meth:`build_model`. Training batches are drawn with
+    replacement from the training part (cross-entropy, ``label_smoothing`` when set); the
+    evaluation reports ``val_loss`` (no smoothing) and ``val_accuracy``, plus the training
+    throughput when the subclass sets ``throughput`` to a :class:`Throughput`.
+    """
+
+    num_classes: int
+    label_smoothing: float = 0.0
+    throughput: Throughput | None = None
+
+    def training_step(self, model: torch.nn.Module, batch_size: int) -> TaskStep:
+        idx = torch.randint(len(self.y_train), (batch_size,), generator=self.generator).to(self.device)
+        loss = torch.nn.functional.cross_entropy(
+            model(self.x_train[idx]), self.y_train[idx], label_smoothing=self.label_smoothing
+        )
+        if self.throughput is not None:
+            self.throughput.count(batch_size)
+        return TaskStep(loss=loss)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        logits = model(self.x_val)
+        metrics = {
+            "val_loss": float(torch.nn.functional.cross_entropy(logits, self.y_val)),
+            "val_accuracy": float((logits.argmax(dim=1) == self.y_val).float().mean()),
+        }
+        if self.throughput is not None:
+            metrics.update(self.throughput.read())
+        return metrics
+
+    def info(self) -> dict[str, float]:
+        return {"train_size": float(len(self.y_train)), "val_size": float(len(self.y_val))}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..._validation import check_int, check_range
-from .base import Task, TaskStep, Throughput
+from .base import ArrayClassificationTask, Throughput
 
 
 def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,10 +31,9 @@ def split_indices(n: int, val_fraction: float, data_seed: int) -> tuple[torch.Te
     return order[n_val:], order[:n_val]
 
 
-class _DigitsSplit(Task):
-    """scikit-learn's digits split into train/validation by ``data_seed``: the batches, the
-    evaluation and the sizes shared by :class:`DigitsTask` and :class:`DigitsCNNTask`, which
-    each add a model."""
+class _DigitsSplit(ArrayClassificationTask):
+    """scikit-learn's digits split into train/validation by ``data_seed``, shared by
+    :class:`DigitsTask` and :class:`DigitsCNNTask`, which each add a model."""
 
     num_classes = 10
 
@@ -49,21 +48,6 @@ class _DigitsSplit(Task):
         train, val = split_indices(len(y), self.val_fraction, self.data_seed)
         self.x_train, self.y_train = x[train].to(self.device), y[train].to(self.device)
         self.x_val, self.y_val = x[val].to(self.device), y[val].to(self.device)
-
-    def training_step(self, model: nn.Module, batch_size: int) -> TaskStep:
-        idx = torch.randint(len(self.y_train), (batch_size,), generator=self.generator).to(self.device)
-        return TaskStep(loss=nn.functional.cross_entropy(model(self.x_train[idx]), self.y_train[idx]))
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        logits = model(self.x_val)
-        return {
-            "val_loss": float(nn.functional.cross_entropy(logits, self.y_val)),
-            "val_accuracy": float((logits.argmax(dim=1) == self.y_val).float().mean()),
-        }
-
-    def info(self) -> dict[str, float]:
-        return {"train_size": float(len(self.y_train)), "val_size": float(len(self.y_val))}
 
 
 class DigitsTask(_DigitsSplit):
@@ -147,12 +131,3 @@ class DigitsCNNTask(_DigitsSplit):
         with self.seeded():
             model = _DigitsCNN(self.channels, self.num_classes, self.dropout)
         return model.to(self.device)
-
-    def training_step(self, model: nn.Module, batch_size: int) -> TaskStep:
-        step = super().training_step(model, batch_size)
-        self.throughput.count(batch_size)
-        return step
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {**super().evaluate(model), **self.throughput.read()}

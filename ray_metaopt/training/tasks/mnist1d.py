@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..._validation import check_int, check_range
-from .base import Task, TaskStep, Throughput
+from .base import ArrayClassificationTask, Throughput
 
 EXTRA_HINT = "pip install 'ray_metaopt[tasks]' (or pip install mnist1d)"
 
@@ -65,7 +65,7 @@ class _CNN1d(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-class MNIST1DTask(Task):
+class MNIST1DTask(ArrayClassificationTask):
     """MNIST-1D classification with a small 1-D CNN (the paper's: strided 5-wide convolutions).
 
     Train and validation sets are the data set's own train and test parts (4,000 / 1,000
@@ -109,21 +109,3 @@ class MNIST1DTask(Task):
         with self.seeded():
             model = _CNN1d(self.x_train.shape[-1], self.channels, self.depth, self.num_classes)
         return model.to(self.device)
-
-    def training_step(self, model: nn.Module, batch_size: int) -> TaskStep:
-        idx = torch.randint(len(self.y_train), (batch_size,), generator=self.generator).to(self.device)
-        loss = nn.functional.cross_entropy(model(self.x_train[idx]), self.y_train[idx], label_smoothing=self.label_smoothing)
-        self.throughput.count(batch_size)
-        return TaskStep(loss=loss)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        logits = model(self.x_val)
-        return {
-            "val_loss": float(nn.functional.cross_entropy(logits, self.y_val)),
-            "val_accuracy": float((logits.argmax(dim=1) == self.y_val).float().mean()),
-            **self.throughput.read(),
-        }
-
-    def info(self) -> dict[str, float]:
-        return {"train_size": float(len(self.y_train)), "val_size": float(len(self.y_val))}
