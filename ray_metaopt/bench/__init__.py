@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pbt", action="store_true",
         help="skip the PBT experiments (at the quick size about 17 of its 40 minutes), e.g. to study the RL arms",
     )
-    parser.add_argument("--output", default="benchmarks", help="directory for RESULTS.md, PNGs, results.json (default ./benchmarks)")
+    parser.add_argument(
+        "--output", default=None,
+        help="directory for RESULTS.md, PNGs, results.json (default ./benchmarks; with --report-only, the "
+             "results file's own directory)",
+    )
     parser.add_argument(
         "--rl-reward", choices=("own", "paired"), default=None,
         help="RL training reward: 'own' (the episode's log-loss drops) or 'paired' (against its base schedule "
@@ -239,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args, size = _parse(argv)
+    if args.output is None:  # a regenerated report goes beside its data, never over another run's
+        args.output = os.path.dirname(os.path.abspath(args.report_only)) if args.report_only else "benchmarks"
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     if args.report_only:

@@ -284,7 +284,15 @@ def findings(result: TaskResult) -> list[str]:
     return out
 
 
-def rl_section(result: TaskResult) -> list[str]:
+def _training_lrs(rl: Any, grid: Sequence[float] = ()) -> str:
+    """How the RL training episodes' initial lrs were chosen, read from the episodes themselves."""
+    lrs = {e.lr for e in rl.episodes if e.lr is not None}
+    if grid and not lrs <= {float(x) for x in grid}:
+        return f"{len(lrs)} distinct initial lrs (one log-uniform draw per grid-wide stratum, per seed)"
+    return "every lr of the grid"
+
+
+def rl_section(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
     rl = result.rl
     if rl is None:
         return []
@@ -293,7 +301,8 @@ def rl_section(result: TaskResult) -> list[str]:
     steps = sum(e.executed for e in rl.episodes)
     stats = rl.policy_stats
     lines.append(
-        f"Training: {len(rl.episodes)} episodes ({steps} optimizer steps) on fresh seeds, every lr of the grid, one "
+        f"Training: {len(rl.episodes)} episodes ({steps} optimizer steps) on fresh seeds, "
+        f"{_training_lrs(rl, lr_grid)}, one "
         f"shared policy actor. Policy after training: version {stats.get('policy/version', '–')}, "
         f"{stats.get('policy/updates', '–')} REINFORCE updates from {stats.get('rollouts/transitions', '–')} transitions, "
         f"entropy {_num(stats.get('policy/entropy'), '.3f')}."
@@ -350,7 +359,7 @@ def rl_section(result: TaskResult) -> list[str]:
             f"same base) has {len(rl.replay_schedule)} changes and ends at ×{final:.3g} the base."
         )
         lines.append("")
-    lines += [f"- {line}" for line in rl_verdict(result)] + [""]
+    lines += [f"- {line}" for line in rl_verdict(result, lr_grid)] + [""]
     lines.append(
         "Reproducibility: trials send transitions to the shared actor and pick up new weights asynchronously, so "
         "which weights acted when depends on timing, and the trained policy (every RL row) changes from run to run; "
@@ -368,7 +377,7 @@ def _lower(c: Any) -> bool | None:
     return c.wins > c.losses
 
 
-def rl_verdict(result: TaskResult) -> list[str]:
+def rl_verdict(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
     """What the RL comparisons say, stated from the numbers (and the design facts that explain them)."""
     arms = result.arms
     trained = arms.get("rl")
@@ -409,8 +418,8 @@ def rl_verdict(result: TaskResult) -> list[str]:
         )
     out.append(
         "Design facts that bound what it can learn here: the state carries the lr on an absolute scale "
-        "(`log10_lr`) beside its ratio to the initial lr, the log-loss and the last action's multiplier, but the "
-        "policy has seen only the training grid's lrs; each action sets the lr to ×0.5, ×1 or ×2 of the base "
+        "(`log10_lr`) beside its ratio to the initial lr, the log-loss and the last action's multiplier, and the "
+        f"policy has trained on {_training_lrs(rl, lr_grid) if rl else 'every lr of the grid'}; each action sets the lr to ×0.5, ×1 or ×2 of the base "
         f"schedule (`{rl.base_arm if rl else RL_BASE_ARM}`'s, anchored, never compounding); REINFORCE learns from "
         f"{len(result.rl.episodes) if result.rl else 0} episodes of credit-assigned log-loss improvements, a few "
         "thousand noisy transitions at most in the quick size."
@@ -497,7 +506,8 @@ def render_report(
         f"- RL (on {list(size.rl_tasks)}): `RLMetaOptimizer` deciding every {size.rl_update_every} steps with "
         f"policy {size.policy()}, acting on the `{RL_BASE_SCHEDULE}` schedule (the `{RL_BASE_ARM}` arm without a "
         "policy: each action multiplies what that schedule gives at the step); trained through one shared policy "
-        f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × every grid lr"
+        f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × "
+        + ("every grid lr" if size.rl_train_lrs == "grid" else "one log-uniform lr per grid-wide stratum (its own draw per seed)")
         + (
             " (reward against a paired reference: each training trial first runs the base schedule at its seed "
             "and lr, `paired_reference=True`)"
@@ -549,7 +559,7 @@ def render_report(
         rob = robustness_table(result)
         if rob:
             lines += ["### Robustness to the initial lr (median final val loss per initial lr)", "", rob, ""]
-        lines += rl_section(result)
+        lines += rl_section(result, size.lr_grid)
         lines += ["### Findings", ""]
         lines += [f"- {f}" for f in findings(result)]
         lines.append("")

@@ -253,6 +253,9 @@ def test_results_json_round_trip_and_report_only(tmp_path):
     again = (tmp_path / "cli" / "RESULTS.md").read_text()
     body = lambda t: t[t.index("## Machine") :]
     assert body(again) == body(text)
+    # without --output the report goes beside its results file, not over ./benchmarks/RESULTS.md
+    assert main(["--report-only", str(path), "--no-plots"]) == 0
+    assert body((tmp_path / "RESULTS.md").read_text()) == body(text)
 
 
 @pytest.mark.parametrize(
