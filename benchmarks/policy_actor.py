@@ -182,12 +182,12 @@ class _ScaleClient:
     """A light trial: no model, the real :class:`~ray_metaopt.rl.actor.PolicyClient`, replaying
     prepared transitions, so that dozens fit on 2 cores."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, max_batch: int) -> None:
         torch.set_num_threads(1)
         from ray_metaopt.rl.actor import PolicyClient
 
         self.index = index
-        self.client = PolicyClient("bench_scale", "ray_metaopt_bench", source=f"client{index}")
+        self.client = PolicyClient("bench_scale", "ray_metaopt_bench", source=f"client{index}", max_batch=max_batch)
 
     def ready(self) -> bool:
         return self.client._connect()
@@ -226,13 +226,16 @@ class _ScaleClient:
         return {"cost_fraction": cost / budget, "cpu_fraction": cpu / budget, "segments": sent, "version": version}
 
 
-def bench_scale(ray, clients: int, segments: int, paced_steps: int, segment_size: int = 8) -> dict:
-    """``clients`` light trials against one actor: flat-out ingestion, then a trial's rhythm."""
+def bench_scale(ray, clients: int, segments: int, paced_steps: int, segment_size: int = 8, max_batch: int = 256) -> dict:
+    """``clients`` light trials against one actor: flat-out ingestion, then a trial's rhythm.
+
+    ``max_batch`` is the clients' :class:`PolicyClient` setting; 1 sends every segment as its own
+    call (the client before batching)."""
     from ray_metaopt.rl import start_policy_actor
 
     actor = start_policy_actor("bench_scale", namespace="ray_metaopt_bench", policy_config=POLICY)
     started = time.perf_counter()
-    workers = [ray.remote(num_cpus=0)(_ScaleClient).remote(i) for i in range(clients)]
+    workers = [ray.remote(num_cpus=0)(_ScaleClient).remote(i, max_batch) for i in range(clients)]
     assert all(ray.get([w.ready.remote() for w in workers]))
     startup_s = time.perf_counter() - started
 
@@ -252,6 +255,7 @@ def bench_scale(ray, clients: int, segments: int, paced_steps: int, segment_size
     cpus = [p["cpu_fraction"] for p in paced]
     return {
         "clients": clients,
+        "max_batch": max_batch,
         "client_startup_s": startup_s,
         "flood_transitions_sent": clients * segments * segment_size,
         "flood_transitions_received": received,
@@ -366,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
     p.add_argument("--trials", type=int, default=2, help="concurrent trials (one CPU each)")
     p.add_argument("--clients", type=int, default=64, help="light trial clients of the scale part")
+    p.add_argument(
+        "--max-batch", default="1,256",
+        help="scale part: the clients' PolicyClient max_batch values, run one after the other (1: no batching)",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: trials)")
     p.add_argument("--rounds", type=int, default=None, help="shared/local round pairs (default 8; quick 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per trial run (default 3000; quick 300)")
@@ -417,16 +425,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'MET' if r['ratio'] >= 0.97 else 'NOT MET'}",
                 flush=True,
             )
-        if "scale" in parts:
+        for max_batch in [int(x) for x in args.max_batch.split(",")] if "scale" in parts else ():
             r = bench_scale(
                 ray,
                 args.clients,
                 segments=10 if q else 200,
                 paced_steps=200 if q else 2000,
+                max_batch=max_batch,
             )
-            results["scale"] = r
+            results.setdefault("scale", []).append(r)
             print(
-                f"[scale] {r['clients']} clients: {r['flood_transitions_received']}/{r['flood_transitions_sent']} "
+                f"[scale] {r['clients']} clients, max_batch={max_batch}: {r['flood_transitions_received']}/{r['flood_transitions_sent']} "
                 f"transitions in {r['flood_seconds']:.2f} s: {r['transitions_per_s']:.0f} transitions/s "
                 f"(target >= 10000: {'MET' if r['transitions_per_s'] >= 10000 else 'NOT MET'}); trial-side "
                 f"send+poll cost at a 5 ms step: wall median {100 * r['paced_cost_fraction_median']:.3f}% (max "
@@ -438,6 +447,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"version {r['paced_min_client_version']}",
                 flush=True,
             )
+        if len(results.get("scale", [])) > 1:
+            first = results["scale"][0]
+            for r in results["scale"][1:]:
+                print(
+                    f"[scale] max_batch={r['max_batch']} vs {first['max_batch']}, side by side: ingestion "
+                    f"x{r['transitions_per_s'] / first['transitions_per_s']:.2f}, paced wall cost "
+                    f"x{r['paced_cost_fraction_median'] / first['paced_cost_fraction_median']:.2f}",
+                    flush=True,
+                )
         ray.shutdown()
 
     if "decide" in parts:

@@ -411,12 +411,20 @@ class PolicyClient:
     every ``reconnect_interval_s`` seconds. A segment whose send failed because the actor died
     goes back into the outbox and is delivered to the restarted (or newly started) actor.
 
+    One call at a time: while a send is unacknowledged, new transitions wait in a local batch that
+    goes out as one call when the earlier one has landed (seen at the next ``poll``) or when it
+    holds ``max_batch`` transitions. A trial that produces faster than the actor answers (or many
+    trials against one actor) then makes fewer, larger calls instead of queueing small ones; on a
+    quiet actor a segment waits at most one ``sync_interval_s``.
+
     Args:
         name: the actor's name.
         namespace: its Ray namespace.
         sync_interval_s: seconds between two checks for new weights (and for failed sends).
         reconnect_interval_s: seconds between connection attempts.
         max_outbox: segments kept while disconnected (failed sends included).
+        max_batch: transitions a waiting batch may hold before it is sent without waiting for the
+            previous call (>= 1).
         source: id reported with the transitions (default: Tune trial id, else host:pid).
     """
 
@@ -428,6 +436,7 @@ class PolicyClient:
         sync_interval_s: float = 0.5,
         reconnect_interval_s: float = 5.0,
         max_outbox: int = 32,
+        max_batch: int = 256,
         source: str | None = None,
     ) -> None:
         self.name = _check_name("name", name)
@@ -437,6 +446,7 @@ class PolicyClient:
             "reconnect_interval_s", reconnect_interval_s, 0.0, math.inf, high_open=True
         )
         self.max_outbox = check_int("max_outbox", max_outbox, minimum=1)
+        self.max_batch = check_int("max_batch", max_batch, minimum=1)
         self.source = source or _source_id()
         self._handle: Any = None
         self._next_connect = 0.0
@@ -447,6 +457,7 @@ class PolicyClient:
         # drop the current one.
         self._inflight: list[tuple[Any, list[dict[str, Any]], int]] = []
         self._outbox: list[list[dict[str, Any]]] = []
+        self._batch: list[dict[str, Any]] = []  # connected, waiting for the call in flight
         self._warned: set[str] = set()
         self.counters = {
             "connects": 0,
@@ -509,6 +520,9 @@ class PolicyClient:
             )
 
     def _lost(self) -> None:
+        if self._batch:  # never sent: it goes to the next actor like a failed send
+            self._keep(self._batch)
+            self._batch = []
         self.counters["actor_errors"] += 1
         self._handle = None
         self._weights_ref = None
@@ -521,8 +535,14 @@ class PolicyClient:
         self.counters["segments_sent"] += 1
 
     def _check_inflight(self, timeout: float = 0.0) -> None:
-        if not self._inflight:
-            return
+        if self._inflight:
+            self._collect_acks(timeout)
+        if self._handle is not None:  # sends of a dead connection go over the live one
+            self._flush_outbox()
+            if self._batch and not self._inflight:
+                self._send_batch()
+
+    def _collect_acks(self, timeout: float) -> None:
         import ray
 
         segments = {entry[0]: entry for entry in self._inflight}
@@ -540,15 +560,19 @@ class PolicyClient:
                 self.counters["segments_requeued"] += 1
             except ray.exceptions.RayError:
                 self.counters["actor_errors"] += 1  # the actor raised on it: resending would too
-        if self._handle is not None:  # sends of a dead connection go over the live one
-            self._flush_outbox()
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        self._submit(batch)
 
     def send(self, transitions: list[dict[str, Any]]) -> None:
-        """Hand finished transitions to the actor without waiting."""
-        if self._connect():
-            self._submit(transitions)
+        """Hand finished transitions to the actor without waiting (batched while a call is in flight)."""
+        if not self._connect():
+            self._keep(transitions)
             return
-        self._keep(transitions)
+        self._batch.extend(transitions)
+        if not self._inflight or len(self._batch) >= self.max_batch:
+            self._send_batch()
 
     def poll(self, known_version: int) -> dict[str, Any] | None:
         """New weights (``{"version", "weights", "signature"}``) if they have arrived, else ``None``."""
@@ -583,7 +607,7 @@ class PolicyClient:
     def drain(self, timeout_s: float = 5.0) -> None:
         """Wait up to ``timeout_s`` for sent segments to land (end of training only: it blocks)."""
         deadline = time.monotonic() + timeout_s
-        while (self._outbox or self._inflight) and time.monotonic() < deadline:
+        while (self._outbox or self._inflight or self._batch) and time.monotonic() < deadline:
             if self._outbox:
                 self._next_connect = 0.0  # retry now: the run is over, waiting is allowed
                 if not self._connect():
@@ -598,4 +622,5 @@ class PolicyClient:
             "connected": self._handle is not None,
             "inflight": len(self._inflight),
             "outbox": len(self._outbox),
+            "batched": len(self._batch),
         }

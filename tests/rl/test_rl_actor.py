@@ -362,3 +362,26 @@ def test_a_newer_actor_on_the_same_checkpoint_uri_is_its_only_writer(ray_session
     assert ray.get(restored.stats.remote())["actor/checkpoints_refused"] == 0
     for handle in (orphan, restored):
         ray.kill(handle)
+
+
+@pytest.mark.ray
+def test_sends_made_while_a_call_is_in_flight_go_out_as_one_batch(ray_session):
+    """Issue 17 item 15: a client makes one call at a time; what arrives meanwhile waits in a batch
+    that goes out whole when the call has landed, or early once it holds ``max_batch``."""
+    from ray_metaopt.rl.actor import PolicyClient
+
+    actor = start_policy_actor("batching", namespace=NAMESPACE, policy_config=POLICY)
+    with pytest.raises(ValueError, match=r"max_batch must be >= 1, got max_batch=0"):
+        PolicyClient("batching", NAMESPACE, max_batch=0)
+    client = PolicyClient("batching", NAMESPACE, max_batch=10, source="batch-test")
+    for i in range(25):  # no poll in between: the first call stays unacknowledged
+        client.send(transitions(1))
+    stats = client.stats()
+    # 1 alone, then two full batches of 10; 4 still waiting for the calls in flight.
+    assert stats["segments_sent"] == 3 and stats["batched"] == 4, stats
+    client.drain(timeout_s=30.0)
+    stats = client.stats()
+    assert stats["segments_sent"] == 4 and stats["batched"] == 0 and stats["inflight"] == 0, stats
+    received = ray_session.get(actor.stats.remote())["rollouts/transitions_per_trial"]
+    assert received == {"batch-test": 25}
+    ray_session.kill(actor)
