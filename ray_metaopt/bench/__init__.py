@@ -59,7 +59,7 @@ def planned_trials(size: SuiteSize) -> int:
             else:
                 total += len(lrs_for(arm, task, size)) * len(size.seeds)
         if task in size.rl_tasks:
-            total += len(size.rl_train_seeds) * len(size.lr_grid)
+            total += sum(len(size.train_lrs(seed)) for seed in size.rl_train_seeds)
     return total
 
 
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rl-train-lrs", choices=RL_TRAIN_LRS, default=None,
         help="initial lrs of the RL training episodes: 'grid' (every lr of the grid) or 'stratified' (one "
-        "log-uniform draw in each grid-wide stratum per training seed); default: the size's",
+        "log-uniform draw in each grid-wide stratum per training seed) or 'dense' (the grid and its geometric "
+        "midpoints); default: the size's",
     )
     parser.add_argument(
         "--rl-policy", nargs="+", default=None, metavar="KEY=VALUE",

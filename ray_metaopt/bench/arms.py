@@ -57,7 +57,7 @@ RL_BASE_ARM = "cosine"
 RL_NEAR_FACTORS = (0.5, 2.0)
 
 # How the RL training episodes pick their initial lrs (SuiteSize.rl_train_lrs).
-RL_TRAIN_LRS = ("grid", "stratified")
+RL_TRAIN_LRS = ("grid", "stratified", "dense")
 
 RL_POLICY: dict[str, Any] = {
     "lr_actions": [0.5, 1.0, 2.0],
@@ -96,7 +96,9 @@ class SuiteSize:
         rl_train_lrs: the initial lrs of a training seed's episodes: ``"grid"``, every lr of
             ``lr_grid``; ``"stratified"``, one lr drawn log-uniformly in each of ``len(lr_grid)``
             equal log-width strata spanning the grid's range (its own draw per seed), so that
-            the policy sees initial lrs between the grid's points too (see :meth:`train_lrs`).
+            the policy sees initial lrs between the grid's points too; ``"dense"``, every lr of
+            the grid and the geometric midpoint of each pair of neighbours (``2 n - 1`` episodes a
+            seed, the same lrs for every seed), see :meth:`train_lrs`.
         rl_update_every: steps between RL decisions.
         rl_paired_reference: the training episodes run with ``paired_reference=True`` (each trial
             first runs its base schedule at the same seed; the reward is measured against it;
@@ -164,6 +166,10 @@ class SuiteSize:
         """
         if self.rl_train_lrs == "grid":
             return list(self.lr_grid)
+        if self.rl_train_lrs == "dense":
+            grid = sorted(self.lr_grid)
+            mids = [math.sqrt(a * b) for a, b in zip(grid, grid[1:])]
+            return sorted(grid + mids)
         low, high = math.log(min(self.lr_grid)), math.log(max(self.lr_grid))
         width = (high - low) / len(self.lr_grid)
         rng = random.Random(seed)  # seed-specific, the same in every run

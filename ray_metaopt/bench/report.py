@@ -287,9 +287,13 @@ def findings(result: TaskResult) -> list[str]:
 def _training_lrs(rl: Any, grid: Sequence[float] = ()) -> str:
     """How the RL training episodes' initial lrs were chosen, read from the episodes themselves."""
     lrs = {e.lr for e in rl.episodes if e.lr is not None}
-    if grid and not lrs <= {float(x) for x in grid}:
-        return f"{len(lrs)} distinct initial lrs (one log-uniform draw per grid-wide stratum, per seed)"
-    return "every lr of the grid"
+    grid = sorted(float(x) for x in grid)
+    if not grid or lrs <= set(grid):
+        return "every lr of the grid"
+    mids = {math.sqrt(a * b) for a, b in zip(grid, grid[1:])}
+    if all(any(math.isclose(lr, m, rel_tol=1e-9) for m in [*grid, *mids]) for lr in lrs):
+        return "every lr of the grid and the geometric midpoint of each pair of neighbours"
+    return f"{len(lrs)} distinct initial lrs (one log-uniform draw per grid-wide stratum, per seed)"
 
 
 def rl_section(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
@@ -507,7 +511,11 @@ def render_report(
         f"policy {size.policy()}, acting on the `{RL_BASE_SCHEDULE}` schedule (the `{RL_BASE_ARM}` arm without a "
         "policy: each action multiplies what that schedule gives at the step); trained through one shared policy "
         f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × "
-        + ("every grid lr" if size.rl_train_lrs == "grid" else "one log-uniform lr per grid-wide stratum (its own draw per seed)")
+        + {
+            "grid": "every grid lr",
+            "stratified": "one log-uniform lr per grid-wide stratum (its own draw per seed)",
+            "dense": "every grid lr and the geometric midpoint of each pair of neighbours",
+        }[size.rl_train_lrs]
         + (
             " (reward against a paired reference: each training trial first runs the base schedule at its seed "
             "and lr, `paired_reference=True`)"

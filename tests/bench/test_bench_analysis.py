@@ -189,8 +189,36 @@ def test_stratified_training_lrs_cover_the_grids_range_one_per_stratum():
         assert [int((math.log10(lr) - low) // width) for lr in lrs] == list(range(len(size.lr_grid)))
     assert size.train_lrs(100) != size.train_lrs(101)  # each seed its own draw
     assert size_from_dict(size_to_dict(size)).train_lrs(100) == size.train_lrs(100)
-    with pytest.raises(ValueError, match="rl_train_lrs must be one of \\['grid', 'stratified'\\], got rl_train_lrs='dense'"):
-        size.with_(rl_train_lrs="dense")
+    with pytest.raises(
+        ValueError, match="rl_train_lrs must be one of \\['grid', 'stratified', 'dense'\\], got rl_train_lrs='uniform'"
+    ):
+        size.with_(rl_train_lrs="uniform")
+
+
+def test_dense_training_lrs_are_the_grid_and_its_geometric_midpoints_for_every_seed():
+    import math
+
+    from ray_metaopt.bench import _parse, planned_trials
+    from types import SimpleNamespace
+
+    from ray_metaopt.bench.report import _training_lrs
+
+    size = _parse(["--quick", "--rl-train-lrs", "dense"])[1]
+    grid = sorted(size.lr_grid)
+    lrs = size.train_lrs(100)
+    assert lrs == size.train_lrs(101) and len(lrs) == 2 * len(grid) - 1
+    assert lrs[::2] == grid
+    for low, mid, high in zip(lrs[::2], lrs[1::2], lrs[2::2]):
+        assert math.isclose(math.log(mid), (math.log(low) + math.log(high)) / 2)
+    grid_size = size.with_(rl_train_lrs="grid")
+    extra = len(size.rl_train_seeds) * (len(grid) - 1) * len([t for t in size.tasks if t in size.rl_tasks])
+    assert planned_trials(size) == planned_trials(grid_size) + extra
+    def rl(episode_lrs):  # what _training_lrs reads of the RL data: the episodes' initial lrs
+        return SimpleNamespace(episodes=[SimpleNamespace(lr=lr) for lr in episode_lrs])
+
+    assert "midpoint" in _training_lrs(rl(lrs), grid)
+    assert _training_lrs(rl(grid), grid) == "every lr of the grid"
+    assert "distinct" in _training_lrs(rl(size.with_(rl_train_lrs="stratified").train_lrs(100)), grid)
 
 
 def test_rl_policy_flag_overrides_the_policy_of_every_rl_arm():
