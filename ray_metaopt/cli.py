@@ -321,6 +321,14 @@ def _result_rows(grid: Any, scheduler: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _text_table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: left-aligned columns as wide as their widest cell, a rule under the header."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
 def _fmt(value: Any, spec: str = ".4g") -> str:
     if value is None:
         return "-"
@@ -356,12 +364,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    widths = [
-        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)
-    ]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    return "\n".join(out)
+    return _text_table(headers, lines)
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -398,12 +401,7 @@ def format_summary(summary: Sequence[dict[str, Any]]) -> str:
         ]
         for e in summary
     ]
-    widths = [
-        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)
-    ]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    return "\n".join(out)
+    return _text_table(headers, lines)
 
 
 def _json_default(value: Any) -> Any:

@@ -46,6 +46,21 @@ def _finite(values: Sequence[float]) -> list[float]:
     return [v if math.isfinite(v) else math.nan for v in values]
 
 
+def _scatter_by_lr(ax, xs: Sequence[int], values: Sequence[float], lrs: Sequence[float], colors: Mapping) -> None:
+    """One coloured scatter per initial lr of the finite ``values`` (the RL episodes' returns or advantages)."""
+    for lr in colors:
+        pts = [(x, v) for x, v, l in zip(xs, values, lrs) if l == lr and math.isfinite(v)]
+        if pts:
+            ax.scatter(*zip(*pts), color=colors[lr], s=18, label=f"initial lr {lr:.3g}")
+
+
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: Mapping[str, TaskResult], directory: str) -> tuple[list[str], str | None]:
     """Write the PNGs for every task into ``directory``; returns ``(paths, note)``."""
     try:
@@ -81,11 +96,7 @@ def write_plots(results: Mapping[str, TaskResult], directory: str) -> tuple[list
                   title=f"{task}: learning-rate trajectories")
         ax_loss.legend(fontsize=7, ncol=2)
         ax_lr.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = os.path.join(directory, f"{task}_curves.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, os.path.join(directory, f"{task}_curves.png")))
 
         swept = [a for a in result.arms.values() if len(a.finals_by_lr) > 1]
         if swept:
@@ -101,11 +112,7 @@ def write_plots(results: Mapping[str, TaskResult], directory: str) -> tuple[list
             ax.set(xscale="log", yscale="log", xlabel="initial lr", ylabel="final validation loss (median over seeds)",
                    title=f"{task}: robustness to the initial lr")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = os.path.join(directory, f"{task}_robustness.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(_save(plt, fig, os.path.join(directory, f"{task}_robustness.png")))
 
         rl = result.rl
         if rl is not None and rl.returns:
@@ -113,20 +120,15 @@ def write_plots(results: Mapping[str, TaskResult], directory: str) -> tuple[list
             xs = list(range(1, len(rl.returns) + 1))
             lrs = sorted(set(rl.lrs))
             lr_colors = {lr: plt.get_cmap("viridis")(i / max(1, len(lrs) - 1)) for i, lr in enumerate(lrs)}
+            _scatter_by_lr(ax_ret, xs, rl.returns, rl.lrs, lr_colors)
             for lr in lrs:
-                pts = [(x, r) for x, r, l in zip(xs, rl.returns, rl.lrs) if l == lr and math.isfinite(r)]
-                if pts:
-                    ax_ret.scatter(*zip(*pts), color=lr_colors[lr], s=18, label=f"initial lr {lr:.3g}")
                 if lr in rl.baseline_returns and math.isfinite(rl.baseline_returns[lr]):
                     ax_ret.axhline(rl.baseline_returns[lr], color=lr_colors[lr], linestyle=":", linewidth=1)
             ax_ret.set(xlabel="training episode (in the order they finished)",
                        ylabel="episode return: log(first/last) train + val loss",
                        title=f"{task}: RL episode returns (dotted: constant lr)")
             ax_ret.legend(fontsize=7)
-            for lr in lrs:
-                pts = [(x, r) for x, r, l in zip(xs, rl.advantages, rl.lrs) if l == lr and math.isfinite(r)]
-                if pts:
-                    ax.scatter(*zip(*pts), color=lr_colors[lr], s=18, label=f"initial lr {lr:.3g}")
+            _scatter_by_lr(ax, xs, rl.advantages, rl.lrs, lr_colors)
             ax.axhline(0.0, color="grey", linewidth=1)
             window = max(1, len(lrs))
             finite = [(x, r) for x, r in zip(xs, rl.advantages) if math.isfinite(r)]
@@ -137,9 +139,5 @@ def write_plots(results: Mapping[str, TaskResult], directory: str) -> tuple[list
                    ylabel="return minus the constant-lr return at that lr",
                    title=f"{task}: RL learning curve (above 0: better than leaving the lr alone)")
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = os.path.join(directory, f"{task}_rl_learning_curve.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(_save(plt, fig, os.path.join(directory, f"{task}_rl_learning_curve.png")))
     return paths, None

@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._validation import check_int, check_optional_mapping, check_path, check_range
-from .persistence import dumps, join, load_policy, loads, policy_state_from_learner, read_bytes, write_bytes
+from .persistence import dumps, join, load_policy_for, loads, policy_state_from_learner, read_bytes, write_bytes
 from .policy import PolicyConfig
 from .reinforce import Learner, invalid_transition
 
@@ -278,13 +278,7 @@ class PolicyActor:
         return True
 
     def _load_initial_policy(self, path: str) -> None:
-        state = load_policy(path)
-        self.config.require_compatible(
-            PolicyConfig.from_dict(state["config"]),
-            f"policy_path={path!r} holds a policy with",
-            "pass the same policy_config",
-        )
-        self.learner.load_state_dict(state)
+        self.learner.load_state_dict(load_policy_for(self.config, path, "pass the same policy_config"))
 
 
 # -------------------------------------------------------------------- driver side

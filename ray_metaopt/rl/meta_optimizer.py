@@ -16,7 +16,7 @@ from .._validation import check_choice, check_int, check_range
 from ..base import GroupState, HParamUpdate, MetaOptimizer
 from ..schedules import SCHEDULE_SHAPES
 from .features import FeatureExtractor
-from .persistence import load_policy, policy_state_from_learner
+from .persistence import load_policy, load_policy_for, policy_state_from_learner
 from .policy import PolicyConfig, argmax, sample_index, uniform
 from .reinforce import Learner, single_threaded
 from .rewards import REFERENCE_LOSS, REFERENCE_VAL_LOSS, final_term, interval_reward
@@ -403,13 +403,8 @@ class RLMetaOptimizer(MetaOptimizer):
         return cls(policy_path=policy_path, **{**saved, **kwargs})
 
     def _load_policy_file(self, path: str) -> None:
-        state = load_policy(path)
-        self.config.require_compatible(
-            PolicyConfig.from_dict(state["config"]),
-            f"policy_path={path!r} holds a policy with",
-            "pass the same values, or use RLMetaOptimizer.from_policy(path, ...) to take them from the file",
-        )
-        self.learner.load_state_dict(state)
+        hint = "pass the same values, or use RLMetaOptimizer.from_policy(path, ...) to take them from the file"
+        self.learner.load_state_dict(load_policy_for(self.config, path, hint))
 
     # ---------------------------------------------------------------- state
     def _init_state(self) -> None:

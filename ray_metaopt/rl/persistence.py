@@ -193,3 +193,23 @@ def load_policy(path: str | os.PathLike) -> dict[str, Any]:
     if data is None:
         raise FileNotFoundError(f"no policy file at {path!r}")
     return check_policy_state(loads(data))
+
+
+def load_policy_for(config: PolicyConfig, path: str | os.PathLike, hint: str) -> dict[str, Any]:
+    """Load the policy at ``path`` and check that its weights fit ``config``.
+
+    Args:
+        config: the config the weights must fit (action spaces, feature layout, sizes).
+        path: the policy file.
+        hint: what to do instead, appended to the error.
+
+    Raises:
+        ValueError: ``"policy_path='p.pt' holds a policy with lr_actions=[0.5, 2.0] (here [0.5,
+            1.0, 2.0]); {hint}"`` when they do not fit.
+    """
+    state = load_policy(path)
+    config.require_compatible(
+        PolicyConfig.from_dict(state["config"]), f"policy_path={os.fspath(path)!r} holds a policy with", hint
+    )
+    return state
+
