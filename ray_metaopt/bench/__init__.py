@@ -58,7 +58,7 @@ def planned_trials(size: SuiteSize) -> int:
                 total += arm.population * len(size.pbt_seeds or size.seeds)
             else:
                 total += len(lrs_for(arm, task, size)) * len(size.seeds)
-        if task in size.rl_tasks:
+        if task in size.rl_tasks and size.rl_policy_path is None:
             total += sum(len(size.train_lrs(seed)) for seed in size.rl_train_seeds)
     return total
 
@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         "midpoints); default: the size's",
     )
     parser.add_argument(
+        "--rl-policy-from", default=None, metavar="POLICY_FILE",
+        help="evaluate this saved policy on the RL tasks instead of training one (a transfer test; its "
+        "settings come from the file)",
+    )
+    parser.add_argument(
+        "--rl-tasks", nargs="+", default=None, metavar="TASK",
+        help="the tasks the RL arms run on (among --tasks); default: the size's",
+    )
+    parser.add_argument(
         "--rl-policy", nargs="+", default=None, metavar="KEY=VALUE",
         help="override the RL arms' policy settings (RLMetaOptimizer arguments), e.g. gamma=1.0 return_horizon=100",
     )
@@ -137,6 +146,18 @@ def _policy_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> 
     return out
 
 
+def _saved_policy(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The settings of the policy file at ``path`` (checked now, before any trial starts)."""
+    from ..rl.persistence import load_policy
+
+    try:
+        config = dict(load_policy(path)["config"])
+    except (OSError, ValueError, TypeError) as exc:
+        parser.error(f"--rl-policy-from {path!r}: {exc}")
+    config.pop("seed", None)
+    return config
+
+
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
     parser = build_parser()
     args = parser.parse_args(list(argv))
@@ -166,6 +187,15 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, SuiteSize]:
         size = size.with_(rl_paired_reference=args.rl_reward == "paired")
     if args.rl_train_lrs is not None:
         size = size.with_(rl_train_lrs=args.rl_train_lrs)
+    if args.rl_tasks is not None:
+        unknown = [t for t in args.rl_tasks if t not in size.tasks]
+        if unknown:
+            parser.error(f"--rl-tasks {unknown} not among the tasks run, {list(size.tasks)}")
+        size = size.with_(rl_tasks=tuple(args.rl_tasks))
+    if args.rl_policy_from is not None:
+        if args.rl_policy is not None:
+            parser.error("--rl-policy cannot change a policy read with --rl-policy-from")
+        size = size.with_(rl_policy_path=os.path.abspath(args.rl_policy_from), rl_policy=_saved_policy(parser, args.rl_policy_from))
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
         parser.error(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {args.cpus_per_trial}, {args.gpus_per_trial}")
     if args.num_cpus is not None and args.address is not None:

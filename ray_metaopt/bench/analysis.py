@@ -217,7 +217,7 @@ def _rl_result(
     task: str, records: Sequence[TrialRecord], size: SuiteSize, schedule: list, stats: Mapping[str, Any]
 ) -> RLResult | None:
     episodes = sorted(_select(records, task, "rl_train"), key=lambda r: r.order)
-    if not episodes:
+    if not episodes and not _select(records, task, "rl"):
         return None
     val_weight = float(size.policy().get("val_weight", 1.0))
     returns = [
@@ -264,8 +264,8 @@ def _rl_result(
         lrs=[float(e.lr) for e in episodes],
         baseline_returns=baseline,
         advantages=advantages,
-        first_round_mean=mean(by_seed[seeds_in_order[0]]),
-        last_round_mean=mean(by_seed[seeds_in_order[-1]]),
+        first_round_mean=mean(by_seed[seeds_in_order[0]]) if seeds_in_order else math.nan,
+        last_round_mean=mean(by_seed[seeds_in_order[-1]]) if seeds_in_order else math.nan,
         first_half_mean=mean([a for s in seeds_in_order[: len(seeds_in_order) // 2] for a in by_seed[s]]),
         last_half_mean=mean([a for s in seeds_in_order[(len(seeds_in_order) + 1) // 2 :] for a in by_seed[s]]),
         paired_episodes=paired,

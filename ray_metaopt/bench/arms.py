@@ -99,6 +99,9 @@ class SuiteSize:
             the policy sees initial lrs between the grid's points too; ``"dense"``, every lr of
             the grid and the geometric midpoint of each pair of neighbours (``2 n - 1`` episodes a
             seed, the same lrs for every seed), see :meth:`train_lrs`.
+        rl_policy_path: a saved policy (``save_policy`` / a trained bench policy) that the RL arms
+            evaluate instead of training one: no training episodes run, and every RL task is a
+            transfer test of that policy (``None``: train a policy per task).
         rl_update_every: steps between RL decisions.
         rl_paired_reference: the training episodes run with ``paired_reference=True`` (each trial
             first runs its base schedule at the same seed; the reward is measured against it;
@@ -131,6 +134,7 @@ class SuiteSize:
     moe_tasks: tuple[str, ...] = ("moe",)
     rl_paired_reference: bool = False
     rl_train_lrs: str = "grid"
+    rl_policy_path: str | None = None
     rl_policy: Mapping[str, Any] = field(default_factory=dict)
     pbt_seeds: tuple[int, ...] | None = None
     plateau_patience: int | None = None

@@ -296,27 +296,8 @@ def _training_lrs(rl: Any, grid: Sequence[float] = ()) -> str:
     return f"{len(lrs)} distinct initial lrs (one log-uniform draw per grid-wide stratum, per seed)"
 
 
-def rl_section(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
-    rl = result.rl
-    if rl is None:
-        return []
-    lines = [f"### RL policy on `{result.task}`", ""]
-    trained = result.arms.get("rl")
-    steps = sum(e.executed for e in rl.episodes)
-    stats = rl.policy_stats
-    lines.append(
-        f"Training: {len(rl.episodes)} episodes ({steps} optimizer steps) on fresh seeds, "
-        f"{_training_lrs(rl, lr_grid)}, one "
-        f"shared policy actor. Policy after training: version {stats.get('policy/version', '–')}, "
-        f"{stats.get('policy/updates', '–')} REINFORCE updates from {stats.get('rollouts/transitions', '–')} transitions, "
-        f"entropy {_num(stats.get('policy/entropy'), '.3f')}."
-    )
-    base = f"`{rl.base_arm}`"
-    at = f"{rl.base_lr:.3g}" if rl.base_lr is not None else "the default lr"
-    lines.append(
-        f"Base schedule: the RL arms act on {base}'s schedule (each decision multiplies what it gives at that step), "
-        f"and are reported at {base}'s tuned lr, {at}; untrained, the policy is that schedule exactly."
-    )
+def _learning_curve_line(rl: Any, base: str) -> str:
+    """The report's sentence on the RL training episodes' returns against their references."""
     n = len(rl.episodes)
     if rl.paired_episodes == n:
         against = "its own paired reference (the base schedule run first at the episode's seed and lr)"
@@ -327,7 +308,7 @@ def rl_section(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
         )
     else:
         against = f"the base schedule alone at the same initial lr (the {base} runs, on the evaluation seeds)"
-    lines.append(
+    return (
         "Learning curve: an episode's return (the sum of its rewards, log(first/last) training loss plus "
         f"log(first/last) validation loss) minus that of {against}. "
         f"Mean over the first round of training seeds (one episode per lr): {_num(rl.first_round_mean, '+.3f')}; "
@@ -335,6 +316,38 @@ def rl_section(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
         f"{_num(rl.first_half_mean, '+.3f')} / {_num(rl.last_half_mean, '+.3f')}. Positive: the policy's lr "
         "changes improved on following the base schedule."
     )
+
+
+def rl_section(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
+    rl = result.rl
+    if rl is None:
+        return []
+    lines = [f"### RL policy on `{result.task}`", ""]
+    trained = result.arms.get("rl")
+    steps = sum(e.executed for e in rl.episodes)
+    stats = rl.policy_stats
+    source = stats.get("policy/source")
+    if source is not None:
+        lines.append(
+            f"Training: none in this run. The RL arms act with the policy read from `{source}` (version "
+            f"{stats.get('policy/version', '–')}, {stats.get('policy/updates', '–')} REINFORCE updates when it was "
+            "saved), so every figure below is a transfer test of that policy."
+        )
+    else:
+        lines.append(
+            f"Training: {len(rl.episodes)} episodes ({steps} optimizer steps) on fresh seeds, "
+            f"{_training_lrs(rl, lr_grid)}, one shared policy actor. Policy after training: version "
+            f"{stats.get('policy/version', '–')}, {stats.get('policy/updates', '–')} REINFORCE updates from "
+            f"{stats.get('rollouts/transitions', '–')} transitions, entropy {_num(stats.get('policy/entropy'), '.3f')}."
+        )
+    base = f"`{rl.base_arm}`"
+    at = f"{rl.base_lr:.3g}" if rl.base_lr is not None else "the default lr"
+    lines.append(
+        f"Base schedule: the RL arms act on {base}'s schedule (each decision multiplies what it gives at that step), "
+        f"and are reported at {base}'s tuned lr, {at}; untrained, the policy is that schedule exactly."
+    )
+    if rl.episodes:
+        lines.append(_learning_curve_line(rl, base))
     lines.append("")
     controls = [n for n in ("rl_untrained", "rl_state_blind", "rl_replay") if n in result.arms]
     if trained is not None and controls:
@@ -420,6 +433,8 @@ def rl_verdict(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
             "loss at once (less gradient noise) while costing progress later: the short-horizon bias of greedy "
             "lr control (Wu et al., 2018)."
         )
+    if rl is not None and not rl.episodes:  # a policy read from a file: nothing was learned here
+        return out
     out.append(
         "Design facts that bound what it can learn here: the state carries the lr on an absolute scale "
         "(`log10_lr`) beside its ratio to the initial lr, the log-loss and the last action's multiplier, and the "
@@ -429,6 +444,24 @@ def rl_verdict(result: TaskResult, lr_grid: Sequence[float] = ()) -> list[str]:
         "thousand noisy transitions at most in the quick size."
     )
     return out
+
+
+def _rl_training_setup(size: SuiteSize) -> str:
+    """How the RL arms' policy came about: trained in this run (how), or read from a file."""
+    if size.rl_policy_path is not None:
+        return f"not trained in this run: the policy is read from `{size.rl_policy_path}` (a transfer test)"
+    lrs = {
+        "grid": "every grid lr",
+        "stratified": "one log-uniform lr per grid-wide stratum (its own draw per seed)",
+        "dense": "every grid lr and the geometric midpoint of each pair of neighbours",
+    }[size.rl_train_lrs]
+    reward = (
+        " (reward against a paired reference: each training trial first runs the base schedule at its seed "
+        "and lr, `paired_reference=True`)"
+        if size.rl_paired_reference
+        else " (reward: the episode's own log-loss drops)"
+    )
+    return f"trained through one shared policy actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × {lrs}{reward}"
 
 
 def render_report(
@@ -509,19 +542,8 @@ def render_report(
     lines.append(
         f"- RL (on {list(size.rl_tasks)}): `RLMetaOptimizer` deciding every {size.rl_update_every} steps with "
         f"policy {size.policy()}, acting on the `{RL_BASE_SCHEDULE}` schedule (the `{RL_BASE_ARM}` arm without a "
-        "policy: each action multiplies what that schedule gives at the step); trained through one shared policy "
-        f"actor (`MetaOptCallback`) on {len(size.rl_train_seeds)} fresh seeds × "
-        + {
-            "grid": "every grid lr",
-            "stratified": "one log-uniform lr per grid-wide stratum (its own draw per seed)",
-            "dense": "every grid lr and the geometric midpoint of each pair of neighbours",
-        }[size.rl_train_lrs]
-        + (
-            " (reward against a paired reference: each training trial first runs the base schedule at its seed "
-            "and lr, `paired_reference=True`)"
-            if size.rl_paired_reference
-            else " (reward: the episode's own log-loss drops)"
-        )
+        "policy: each action multiplies what that schedule gives at the step); "
+        + _rl_training_setup(size)
         + ", then evaluated frozen "
         "(the mean readout of its action distribution: keep moved by what it learned) on the evaluation seeds, at "
         f"every grid lr and at {' and '.join(f'{f:g}x' for f in RL_NEAR_FACTORS)} the base's tuned lr (where the "

@@ -279,8 +279,9 @@ class Runner:
 
         configs: list[dict[str, Any]] = []
         callbacks: dict[str, Any] = {}
+        policies, stats = self._given_policy()
         for task in self.size.rl_tasks:
-            if task not in self.size.tasks:
+            if task not in self.size.tasks or task in policies:
                 continue
             policy_name = f"bench_{task}_{uuid.uuid4().hex[:8]}"
             callbacks[task] = MetaOptCallback(
@@ -310,7 +311,6 @@ class Runner:
                 if callback.policy_actor is not None:
                     with contextlib.suppress(Exception):
                         ray.kill(callback.policy_actor)
-        policies, stats = {}, {}
         for task, callback in callbacks.items():
             stats[task] = {k: v for k, v in (callback.policy_stats or {}).items() if isinstance(v, (int, float, str))}
             if callback.saved_policy_path is None:
@@ -318,6 +318,22 @@ class Runner:
             else:
                 policies[task] = callback.saved_policy_path
         return policies, stats
+
+    def _given_policy(self) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """With ``size.rl_policy_path``: that policy for every RL task, and what its file says of it."""
+        path = self.size.rl_policy_path
+        if path is None:
+            return {}, {}
+        from ..rl.persistence import load_policy
+
+        state = load_policy(path)
+        stats = {
+            "policy/version": state.get("version"),
+            "policy/updates": state.get("updates"),
+            "policy/source": path,
+        }
+        tasks = [t for t in self.size.rl_tasks if t in self.size.tasks]
+        return {t: path for t in tasks}, {t: {k: v for k, v in stats.items() if v is not None} for t in tasks}
 
     def base_lr(self, task: str) -> float:
         """The tuned lr of the RL base arm on ``task`` (from the main phase), else the default lr."""

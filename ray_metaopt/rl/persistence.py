@@ -192,7 +192,12 @@ def load_policy(path: str | os.PathLike) -> dict[str, Any]:
     data = read_bytes(path)
     if data is None:
         raise FileNotFoundError(f"no policy file at {path!r}")
-    return check_policy_state(loads(data))
+    try:
+        state = loads(data)
+    except Exception as exc:  # torch.load raises several types on bytes that are not its format
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path!r} is not a readable policy file ({type(exc).__name__}: {reason})") from None
+    return check_policy_state(state)
 
 
 def load_policy_for(config: PolicyConfig, path: str | os.PathLike, hint: str) -> dict[str, Any]:

@@ -370,3 +370,25 @@ def test_every_arm_builds_a_valid_trial_config():
                 meta_config = dict(resolved.meta_config)
                 build_meta_optimizer(resolved.meta, meta_config, total_steps=resolved.max_steps, seed=0,
                                      defaults={"update_frequency": resolved.eval_interval})
+
+
+def test_rl_policy_from_reads_the_files_settings_and_rejects_a_bad_file_before_any_trial(tmp_path, capsys):
+    from ray_metaopt.bench import _parse, planned_trials
+    from ray_metaopt.rl import RLMetaOptimizer, save_policy
+
+    path = save_policy(str(tmp_path / "p.pt"), RLMetaOptimizer(hidden_size=8, lr_actions=[0.5, 1.0, 2.0], seed=1))
+    size = _parse(["--quick", "--rl-policy-from", path, "--rl-tasks", "moe", "mnist1d"])[1]
+    assert size.rl_policy_path == path and size.rl_tasks == ("moe", "mnist1d")
+    assert size.policy()["hidden_size"] == 8 and "seed" not in size.rl_policy
+    trained = _parse(["--quick", "--rl-tasks", "moe", "mnist1d"])[1]
+    assert planned_trials(size) == planned_trials(trained) - 2 * sum(len(trained.train_lrs(s)) for s in trained.rl_train_seeds)
+    (tmp_path / "junk.pt").write_bytes(b"not a policy")
+    for argv, message in [
+        (["--rl-policy-from", str(tmp_path / "junk.pt")], f"--rl-policy-from {str(tmp_path / 'junk.pt')!r}: "),
+        (["--rl-policy-from", str(tmp_path / "missing.pt")], "no policy file at"),
+        (["--rl-policy-from", path, "--rl-policy", "gamma=0.5"], "--rl-policy cannot change a policy read with --rl-policy-from"),
+        (["--rl-tasks", "digits"], "--rl-tasks ['digits'] not among the tasks run"),
+    ]:
+        with pytest.raises(SystemExit):
+            _parse(["--quick", *argv])
+        assert message in capsys.readouterr().err, argv

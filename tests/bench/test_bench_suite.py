@@ -10,7 +10,7 @@ import pytest
 
 from ray_metaopt.bench import load_results, main, save_results, write_report
 from ray_metaopt.bench.analysis import analyze
-from ray_metaopt.bench.arms import RL_NEAR_FACTORS, SUITE_SIZES, arms_for, lrs_for
+from ray_metaopt.bench.arms import RL_BASE_ARM, RL_NEAR_FACTORS, SUITE_SIZES, arms_for, lrs_for
 from ray_metaopt.bench.runner import run_suite, tuned_lr
 from ray_metaopt.bench.stats import mean_lr_factors
 
@@ -156,3 +156,25 @@ def test_report_and_plots_are_written_and_regenerated(suite, tmp_path):
     regenerated = (again / "RESULTS.md").read_text()
     table = lambda t: t[t.index("## `teacher_student`") : t.index("## `moe`")]
     assert table(regenerated).replace("\n", "") == table(text).replace("\n", "")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_saved_policy_is_evaluated_without_training_and_its_report_says_so(ray_session, tmp_path):
+    """``--rl-policy-from``: the RL arms act with a policy file and no training episode runs (a
+    transfer test). A fresh policy's file makes the frozen RL arm its base schedule exactly."""
+    from ray_metaopt.rl import RLMetaOptimizer, save_policy
+
+    policy = save_policy(str(tmp_path / "fresh.pt"), RLMetaOptimizer(**TINY.policy(), seed=5))
+    size = TINY.with_(tasks=("teacher_student",), pbt_tasks=(), rl_policy_path=policy)
+    run = run_suite(size, storage_path=str(tmp_path / "tune"), progress=lambda line: None)
+    arms = collections.Counter(r.arm for r in run.records)
+    assert arms["rl_train"] == 0 and arms["rl"] > 0
+    assert [r for r in run.records if r.status != "done"] == []
+    cosine = {(r.lr, r.seed): r.val_loss for r in run.records if r.arm in (RL_BASE_ARM, "rl_base")}
+    for r in (r for r in run.records if r.arm == "rl"):
+        assert r.val_loss == cosine[(r.lr, r.seed)], r.lr
+    assert run.policy_stats["teacher_student"]["policy/source"] == policy
+    text = open(write_report(str(tmp_path), run, size, {"command": "tiny transfer"}, plots=False)).read()
+    assert f"Training: none in this run. The RL arms act with the policy read from `{policy}`" in text
+    assert "Learning curve:" not in text

@@ -449,6 +449,11 @@ def test_load_policy_rejects_other_files(tmp_path):
         load_policy(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError):
         load_policy(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")  # a truncated or foreign file
+    with pytest.raises(ValueError, match=r"junk.pt' is not a readable policy file \("):
+        load_policy(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="is not a readable policy file"):
+        RLMetaOptimizer(policy_path=str(tmp_path / "junk.pt"))
 
 
 def test_state_dict_loads_with_weights_only_and_reset_keeps_the_policy():
