@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "subcommands:\n  run      the comparison described above (the default: `ray-metaopt run` = `ray-metaopt`)\n"
-            "  bench    the benchmark suite (ray-metaopt bench --help)\n\n"
+            "  bench    the benchmark suite (ray-metaopt bench --help)\n"
+            "  train-policy  train one RL policy on several tasks through one shared actor, with a card "
+            "(ray-metaopt train-policy --help)\n\n"
             "strategies:\n" + "\n".join(f"  {name:<18} {s.help}" for name, s in strategies().items())
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -560,6 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `ray-metaopt [options]` must stay the main job.
     if argv and argv[0] == "bench":
         return bench(argv[1:])
+    if argv and argv[0] == "train-policy":
+        from .bench.pretrain import main as train_policy_main
+
+        return train_policy_main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     args = parse_args(argv)
