@@ -12,6 +12,7 @@ off-grid lrs).
 from __future__ import annotations
 
 import collections
+import gzip
 import json
 import math
 import statistics
@@ -66,7 +67,7 @@ def multipliers(results: dict) -> dict[str, dict[float, tuple[int, float, float,
 
 def main(paths: list[str]) -> None:
     for path in paths:
-        with open(path) as f:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             table = multipliers(json.load(f))
         print(path)
         for task, by_lr in table.items():

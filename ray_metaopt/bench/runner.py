@@ -484,7 +484,11 @@ def run_suite(
     rl_tasks = [t for t in size.rl_tasks if t in size.tasks]
     progress(
         f"phase main: baselines, heuristics, MoE arms ({', '.join(size.tasks)})"
-        + (f" and the RL training episodes ({', '.join(rl_tasks)})" if rl_tasks else "")
+        + (
+            f" and the RL training episodes ({', '.join(rl_tasks)})"
+            if rl_tasks and size.rl_policy_path is None
+            else ""
+        )
     )
     policies, policy_stats = runner.main_phase()
     schedules: dict[str, list] = {}

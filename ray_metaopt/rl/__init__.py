@@ -13,6 +13,7 @@ One policy shared by every trial of an experiment (the driver starts the actor):
 Importing this package does not import Ray; the actor functions import it when called.
 """
 
+from . import pretrained
 from .actor import PolicyActor, PolicyClient, get_policy_actor, start_policy_actor
 from .features import GLOBAL_FEATURES, GROUP_FEATURES, STATE_DIM, FeatureExtractor
 from .meta_optimizer import RLMetaOptimizer
@@ -33,6 +34,7 @@ __all__ = [
     "RLMetaOptimizer",
     "get_policy_actor",
     "load_policy",
+    "pretrained",
     "reinforce_update",
     "save_policy",
     "start_policy_actor",

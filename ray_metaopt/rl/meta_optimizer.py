@@ -389,6 +389,25 @@ class RLMetaOptimizer(MetaOptimizer):
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
+    def from_pretrained(cls, name: str, **kwargs: Any) -> RLMetaOptimizer:
+        """An RLMetaOptimizer that starts from a policy shipped with the package (frozen by default).
+
+        Args:
+            name: a shipped policy (:func:`ray_metaopt.rl.pretrained.available`; its card:
+                :func:`ray_metaopt.rl.pretrained.card`).
+            kwargs: as for :meth:`from_policy`; ``frozen=False`` keeps learning from it.
+
+        Raises:
+            ValueError: ``name`` is not shipped (the message lists the shipped ones).
+
+        Example:
+            >>> meta = RLMetaOptimizer.from_pretrained("anchored-cosine-v1", total_steps=1000)
+        """
+        from . import pretrained
+
+        return cls.from_policy(pretrained.policy_path(name), **{"frozen": True, **kwargs})
+
+    @classmethod
     def from_policy(cls, policy_path: str, **kwargs: Any) -> RLMetaOptimizer:
         """An RLMetaOptimizer whose action space and policy settings are those of a saved policy.
 

@@ -178,3 +178,24 @@ def test_a_saved_policy_is_evaluated_without_training_and_its_report_says_so(ray
     text = open(write_report(str(tmp_path), run, size, {"command": "tiny transfer"}, plots=False)).read()
     assert f"Training: none in this run. The RL arms act with the policy read from `{policy}`" in text
     assert "Learning curve:" not in text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_policy_trains_one_policy_on_several_tasks_and_writes_its_card(ray_session, tmp_path):
+    from ray_metaopt.bench.pretrain import REFERENCE_LRS, train_policy
+    from ray_metaopt.rl import load_policy
+
+    out = str(tmp_path / "tiny-policy.pt")
+    card = train_policy(out, tasks=("teacher_student", "moe"), seeds=(7, 8), lr_factors=(0.5, 2.0), size=TINY,
+                        command="ray-metaopt train-policy --tiny", progress=lambda line: None)
+    assert card["episodes"] == 2 * 2 * 2 and card["errored_episodes"] == 0
+    state = load_policy(out)  # weights_only
+    assert state["version"] >= 1 and state["version"] == card["policy_stats"]["policy/version"]
+    assert card["policy_stats"]["rollouts/transitions"] > 0
+    assert set(card["learning_curves"]) == {"teacher_student", "moe"}
+    text = (tmp_path / "tiny-policy.md").read_text()
+    assert text.startswith("# Policy card: `tiny-policy`") and "ray-metaopt train-policy --tiny" in text
+    assert f"`moe` {REFERENCE_LRS['moe']:g}" in text
+    with pytest.raises(ValueError, match=r"tasks must be among .*got tasks=\['digits'\]"):
+        train_policy(out, tasks=("digits",), size=TINY)
