@@ -29,6 +29,7 @@ import torch
 from ray_metaopt import OptimizerWrapper
 from ray_metaopt.metrics import check_metrics
 from ray_metaopt.plateau import AdvancedPlateauMetaOptimizer, PlateauMetaOptimizer
+from ray_metaopt.rl import RLMetaOptimizer
 
 
 def make_model(d_in: int, hidden: int, d_out: int, device: torch.device) -> torch.nn.Module:
@@ -175,6 +176,12 @@ CONFIGS = [
             trend_window=5,
             update_frequency=10,
         ),
+        False,
+    ),
+    (
+        # issue 13's target: a frozen shipped policy at update_frequency=10 <= 1.01x the raw step
+        "RL, frozen shipped policy anchored-cosine-v1, update_frequency=10",
+        lambda: RLMetaOptimizer.from_pretrained("anchored-cosine-v1", update_frequency=10, total_steps=10**6, seed=0),
         False,
     ),
     ("ablation: only update_hyperparameters (uf=10), raw step", _plateau10, False, "update_only_iteration"),

@@ -33,7 +33,7 @@ from .registry import PresetContext, StrategySpec, preset_strategies, strategy_s
 from .tune.session import add_ray_arguments, init_ray
 
 TASKS = ("teacher_student", "moe", "digits", "sequence", "charlm", "mnist1d", "digits_cnn")
-DEFAULT_STRATEGIES = ("none", "cosine", "plateau", "advanced_plateau", "rl")
+DEFAULT_STRATEGIES = ("none", "cosine", "plateau", "advanced_plateau", "rl", "rl_pretrained")
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,13 @@ def strategies() -> dict[str, Strategy]:
 
 
 def _uses_rl(name: str) -> bool:
+    """Whether strategy ``name`` learns through the run's shared policy actor (``rl`` does;
+    ``rl_pretrained`` acts with a shipped policy, frozen, and needs none)."""
     spec = strategy_spec(name)
-    return spec is not None and spec.family == "rl"
+    if spec is None or spec.family != "rl":
+        return False
+    preset = spec.preset_config(PresetContext(20, policy_name="probe"))
+    return "shared_policy" in preset["meta_config"]
 
 
 def __getattr__(name: str) -> Any:

@@ -167,6 +167,11 @@ def _rl_preset(ctx: PresetContext) -> dict[str, Any]:
     return {"meta_config": config}
 
 
+def _rl_pretrained_preset(ctx: PresetContext) -> dict[str, Any]:
+    # Trained deciding every 10 steps between evaluations every 20: the same ratio here.
+    return {"meta_config": {"update_frequency": max(1, ctx.eval_interval // 2)}}
+
+
 _SPACES = "ray_metaopt.tune.search_space"
 
 _REGISTRY: dict[str, StrategySpec] = {}
@@ -309,5 +314,10 @@ for _entry in (
                  "RLMetaOptimizer: a REINFORCE policy shared by every rl trial through a Ray actor, multiplying "
                  "the --rl-base schedule's lr (default cosine) by x0.5/x1/x2 at each decision",
                  search_space=f"{_SPACES}:rl_space", preset=_rl_preset, family="rl"),
+    StrategySpec("rl_pretrained", "ray_metaopt.rl.pretrained:meta_optimizer",
+                 "the shipped RL policy anchored-cosine-v1, frozen: no training, multiplies the --rl-base "
+                 "schedule's lr (measured x0.83-x0.99 of that schedule's final loss on three tasks, "
+                 "ray_metaopt/rl/pretrained/anchored-cosine-v1.md)",
+                 preset=_rl_pretrained_preset, family="rl"),
 ):
     register_strategy(_entry)

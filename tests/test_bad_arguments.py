@@ -76,6 +76,9 @@ CASES = [
     (callback, "trajectory_dir", 3, "3"),
     (callback, "stats_interval_s", NAN, "nan"),
     (callback, "max_restarts", -2, "-2"),
+    (RLMetaOptimizer, "stop_action", 1, "1"),
+    (RLMetaOptimizer, "on_stop", "stop", "'stop'"),
+    (RLMetaOptimizer, "initial_stop_prob", 0.9, "0.9"),
 ]
 for cls in STRATEGIES:
     CASES += [

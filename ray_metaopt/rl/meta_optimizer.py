@@ -19,7 +19,7 @@ from .features import FeatureExtractor
 from .persistence import load_policy, load_policy_for, policy_state_from_learner
 from .policy import PolicyConfig, argmax, sample_index, uniform
 from .reinforce import Learner, single_threaded
-from .rewards import REFERENCE_LOSS, REFERENCE_VAL_LOSS, final_term, interval_reward
+from .rewards import REFERENCE_LOSS, REFERENCE_VAL_LOSS, clip, final_term, interval_reward
 from .rollout import finalize
 
 SCHEDULES = SCHEDULE_SHAPES  # the base schedules of the "schedule" and "anchored" action modes
@@ -166,6 +166,24 @@ class RLMetaOptimizer(MetaOptimizer):
     A fresh policy's mean and greedy actions are both "keep", so frozen and untrained it
     reproduces the base schedule bit for bit. Exploration (sampling) happens only while learning.
 
+    Stop action (``stop_action=True``, the cost objective's action): a third head chooses, at
+    every decision, "continue" or "stop this run now". A stop ends the episode at once (no lr
+    change, the final term as at a normal end), sets :attr:`stop_requested` to the reason and
+    calls ``on_stop(reason)``: the provided trainable passes its own callback and ends the trial
+    with that ``stop_reason`` (``"policy_stop: ..."``, shown in Tune's results). Without a way to
+    stop, ``stop_action=True`` is refused at construction. The stop head learns from its own
+    return, the *absolute* drop of log ``val_loss`` (``loss`` where no ``val_loss`` is reported)
+    over the next ``return_horizon`` intervals times ``val_weight``, minus ``cost_weight`` x the
+    cost of their steps, undiscounted: stopping is worth it where the improvement left is worth
+    less than the steps it costs. A paired reference does not enter it (stopping gives up the
+    improvement the reference gets too). With ``cost_weight=0`` stopping never pays. It explores
+    with ``initial_stop_prob`` per decision while learning; frozen, it stops when
+    ``p(stop) > 0.5`` (``frozen_action="sample"``: sampled), so an untrained, frozen policy never
+    stops. ASHA and this are different tools: ASHA compares trials of a population at rungs and
+    stops the worse ones (to find the best config with fewer steps); the stop action ends each run
+    by its own state when continuing costs more than it gains (to save steps on every run). See
+    ``docs/ARCHITECTURE.md`` and ``benchmarks/RESULTS-stop.md``.
+
     ``per_group=True`` chooses actions for each param group separately (one state row per group,
     one shared network); otherwise one action applies to every group.
 
@@ -218,6 +236,11 @@ class RLMetaOptimizer(MetaOptimizer):
             (see Evaluation above). Needs ``frozen=True`` unless it is ``"sample"`` or ``None``.
         greedy: the older spelling: ``True`` is ``frozen_action="greedy"``, ``False`` is
             ``"sample"`` (``None``: ``frozen_action`` decides).
+        stop_action: add the "stop this run now" action (see Stop action above).
+        initial_stop_prob: the untrained stop head's probability of stopping at a decision.
+        on_stop: ``f(reason)``, called once when the policy stops the run (required with
+            ``stop_action=True``; the provided trainable passes its own). It is not part of the
+            state: a deserialised or copied object has ``on_stop=None``.
         **base: the other :class:`~ray_metaopt.MetaOptimizer` arguments, by keyword: ``min_lr``,
             ``max_lr``, ``max_weight_decay``, ``adaptive_frequency``.
 
@@ -240,6 +263,8 @@ class RLMetaOptimizer(MetaOptimizer):
         "episode_done",
         "reference",
         "counters",
+        "stop_reason",
+        "last_log_val",
         "learner_state",
     )
 
@@ -284,9 +309,20 @@ class RLMetaOptimizer(MetaOptimizer):
         frozen: bool = False,
         frozen_action: str | None = None,
         greedy: bool | None = None,
+        stop_action: bool = False,
+        initial_stop_prob: float = 0.02,
+        on_stop: Callable[[str], Any] | None = None,
         **base: Any,
     ) -> None:
         super().__init__(update_frequency, **base)
+        if on_stop is not None and not callable(on_stop):
+            raise TypeError(f"on_stop must be a callable f(reason) or None, got on_stop={on_stop!r}")
+        if stop_action is True and on_stop is None:
+            raise ValueError(
+                "stop_action=True needs a way to stop the run: pass on_stop=f(reason) that ends your "
+                "training loop (the provided Tune trainable passes its own), got on_stop=None"
+            )
+        self.on_stop = on_stop
         seed = secrets.randbits(31) if seed is None else check_int("seed", seed, minimum=0)
         self.config = PolicyConfig(
             lr_actions=lr_actions,
@@ -304,6 +340,8 @@ class RLMetaOptimizer(MetaOptimizer):
             baseline_decay=baseline_decay,
             baseline=baseline,
             seed=seed,
+            stop_action=stop_action,
+            initial_stop_prob=initial_stop_prob,
         )
         self.per_group = _check_bool("per_group", per_group)
         if base_schedule is None and action_mode == "schedule":
@@ -439,6 +477,8 @@ class RLMetaOptimizer(MetaOptimizer):
         self.reference: dict[str, float | None] = {"log_loss": None, "val_loss": None}
         self.decision_index = 0
         self.episode_done = False
+        self.stop_reason: str | None = None  # set when the stop action ended the run
+        self.last_log_val: float | None = None  # the stop reward's previous log val_loss
         self.counters = {
             "decisions": 0,
             "transitions": 0,
@@ -446,6 +486,7 @@ class RLMetaOptimizer(MetaOptimizer):
             "sent_transitions": 0,
             "local_updates": 0,
             "breaker_trips": 0,
+            "stops": 0,
         }
 
     @contextlib.contextmanager
@@ -493,9 +534,15 @@ class RLMetaOptimizer(MetaOptimizer):
         """The policy as :func:`~ray_metaopt.rl.save_policy` writes it."""
         return policy_state_from_learner(self.learner)
 
+    @property
+    def stop_requested(self) -> str | None:
+        """Why the stop action ended this run (``None``: it has not)."""
+        return self.stop_reason
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None  # a connection is not part of the object's value
+        state["on_stop"] = None  # nor is the caller's callback (often a bound method of its loop)
         return state
 
     # ---------------------------------------------------------------- deciding
@@ -506,6 +553,8 @@ class RLMetaOptimizer(MetaOptimizer):
             raise ValueError(
                 f"RLMetaOptimizer needs the metric 'loss' at every decision step, got metrics {sorted(metrics)}"
             )
+        if self.stop_reason is not None:
+            return []  # the run was stopped; a caller that trains on gets no more decisions
         self._sync_shared_policy()
         end = (
             self.total_steps is not None
@@ -581,6 +630,9 @@ class RLMetaOptimizer(MetaOptimizer):
         self.reference["log_loss"] = None if ref_loss is None else self._features.log_loss(float(ref_loss))
         if metrics.get(REFERENCE_VAL_LOSS) is not None and "val_loss" in metrics:
             self.reference["val_loss"] = float(metrics[REFERENCE_VAL_LOSS])
+        prev_log_val = self.last_log_val
+        if "val_loss" in metrics:
+            self.last_log_val = self._features.log_loss(float(metrics["val_loss"]))
         if (
             not self.pending
             or self.pending[-1]["reward"] is not None
@@ -605,9 +657,29 @@ class RLMetaOptimizer(MetaOptimizer):
             reward = -self.breaker_penalty
         if final:
             reward += self._final_term()
+        if self.config.stop_action:
+            self.pending[-1]["stop_reward"] = self._stop_reward(
+                prev_log_val, prev_log_loss, step - prev_step, cost, "val_loss" in metrics
+            )
         self.pending[-1]["reward"] = reward
         self._finalize(force=False)
         return True
+
+    def _stop_reward(
+        self, prev_log_val: float | None, prev_log_loss: float | None, steps: int, cost: Any, has_val: bool
+    ) -> float:
+        """What continuing over one interval gained: val_weight x the absolute drop of log val_loss
+        (log loss without one) minus cost_weight x the cost of its steps, clamped."""
+        if has_val and prev_log_val is not None:
+            drop = prev_log_val - self.last_log_val
+        elif prev_log_loss is not None and self.features["log_loss"] is not None:
+            drop = prev_log_loss - self.features["log_loss"]
+        else:
+            drop = 0.0
+        spent = 0.0
+        if self.cost_weight > 0.0 and cost is not None:
+            spent = self.cost_weight * float(cost) * steps
+        return clip(self.val_weight * drop - spent, self.reward_clip)
 
     def _final_term(self) -> float:
         """``val_weight`` x the log-improvement of ``val_loss`` over the run, or over the paired
@@ -621,12 +693,15 @@ class RLMetaOptimizer(MetaOptimizer):
             log_loss(val0), log_loss(val), self.val_weight, self.reward_clip, None if ref is None else log_loss(ref)
         )
 
-    def _end_episode(self, *, final_term_given: bool) -> None:
-        """Returns of every pending decision (with the final term), and a last learn/send."""
+    def _end_episode(self, *, final_term_given: bool, last: dict[str, Any] | None = None) -> None:
+        """Returns of every pending decision (with the final term), and a last learn/send.
+        ``last``: a terminal decision (a stop) appended after the final term is given."""
         if not final_term_given:
             rewarded = [t for t in self.pending if t["reward"] is not None]
             if rewarded:
                 rewarded[-1]["reward"] += self._final_term()
+        if last is not None:
+            self.pending.append(last)
         self._finalize(force=True)
         self._learn_or_send(final=True)
         self.episode_done = True
@@ -667,9 +742,16 @@ class RLMetaOptimizer(MetaOptimizer):
             units = [list(groups)]
             rows = [global_f + fx.mean_group_features(groups, [self._multiplier(g.index) for g in groups])]
         with single_threaded():
-            lr_logp, wd_logp = self.learner.network.act_log_probs(rows)
+            lr_logp, wd_logp, stop_logp = self.learner.network.act_all_log_probs(rows)
+        progress = fx.progress(step)
+        stop, logp = None, 0.0
+        if stop_logp is not None:
+            stop = self._choose_stop(stop_logp[0])  # a run-level choice: read from the first row
+            logp = stop_logp[0][stop]
+            if stop == 1:
+                return self._stop(step, rows, logp, progress, math.exp(stop_logp[0][1]))
 
-        lr_idx, wd_idx, logp = [], [], 0.0
+        lr_idx, wd_idx = [], []
         for r, unit in enumerate(units):
             i = self._choose(lr_logp[r])
             logp += lr_logp[r][i]
@@ -680,7 +762,6 @@ class RLMetaOptimizer(MetaOptimizer):
             lr_idx.append(i)
             wd_idx.append(j)
 
-        progress = fx.progress(step)
         updates = []
         for r, (unit, i, j) in enumerate(zip(units, lr_idx, wd_idx)):
             factor = self.config.lr_actions[i]
@@ -693,20 +774,49 @@ class RLMetaOptimizer(MetaOptimizer):
                 updates.extend(self._group_updates(g, factor, shift, progress))
         self.counters["decisions"] += 1
         if not self.frozen:
-            self.pending.append(
-                {
-                    "rows": rows,
-                    "lr": lr_idx,
-                    "wd": wd_idx,
-                    "logp": logp,
-                    "reward": None,
-                    "progress": progress,
-                    "decision": self.decision_index,
-                    "version": self.learner.version,
-                }
-            )
+            transition = self._transition(rows, lr_idx, wd_idx, logp, progress)
+            if stop is not None:
+                transition["stop"] = 0
+            self.pending.append(transition)
         self.decision_index += 1
         return updates
+
+    def _transition(
+        self, rows: list, lr_idx: list[int], wd_idx: list[int], logp: float, progress: float | None
+    ) -> dict[str, Any]:
+        return {
+            "rows": rows,
+            "lr": lr_idx,
+            "wd": wd_idx,
+            "logp": logp,
+            "reward": None,
+            "progress": progress,
+            "decision": self.decision_index,
+            "version": self.learner.version,
+        }
+
+    def _choose_stop(self, logp: list[float]) -> int:
+        if self.frozen_action in ("greedy", "mean"):
+            return int(logp[1] > math.log(0.5))
+        u = uniform(self.seed, self.draws)
+        self.draws += 1
+        return sample_index([math.exp(x) for x in logp], u)
+
+    def _stop(self, step: int, rows: list, logp: float, progress: float | None, p_stop: float) -> list[HParamUpdate]:
+        """The stop action: end the episode here and tell the caller; no lr change."""
+        last = None
+        if not self.frozen:
+            none = [-1] * len(rows)
+            last = {**self._transition(rows, none, none, logp, progress), "stop": 1, "reward": 0.0, "stop_reward": 0.0}
+        self.decision_index += 1
+        self.counters["decisions"] += 1
+        self.counters["stops"] += 1
+        at = "" if progress is None else f", {progress:.0%} of the run"
+        self.stop_reason = f"policy_stop: the RL policy stopped the run at step {step + 1}{at} (p_stop={p_stop:.2f})"
+        self._end_episode(final_term_given=False, last=last)
+        if self.on_stop is not None:
+            self.on_stop(self.stop_reason)
+        return []
 
     def _choose(self, logp: list[float]) -> int:
         if self.frozen_action in ("greedy", "mean"):  # "mean" acts through _mean_factor; this is its logp

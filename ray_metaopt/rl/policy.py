@@ -79,6 +79,10 @@ class PolicyConfig:
             features (lr scale, loss, progress), so an advantage compares an action with what
             was expected *from that state*, not with trials that drew another initial lr.
         seed: seed of the network's initial weights.
+        stop_action: add a third head, "continue" / "stop this run now" (see
+            :class:`~ray_metaopt.rl.RLMetaOptimizer`'s ``stop_action``).
+        initial_stop_prob: the stop head's initial probability of "stop" at a decision, whatever
+            the state (exploration while learning; a frozen policy stops only above 0.5).
 
     Example:
         >>> cfg = PolicyConfig(lr_actions=[0.5, 1.0, 2.0], wd_actions=None, policy_lr=1e-3)
@@ -101,6 +105,8 @@ class PolicyConfig:
     baseline_decay: float = 0.9
     baseline: str = "average"
     seed: int = 0
+    stop_action: bool = False
+    initial_stop_prob: float = 0.02
     state_dim: int = field(default=STATE_DIM, init=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +153,13 @@ class PolicyConfig:
         )
         check_choice("baseline", self.baseline, BASELINES)
         set_(self, "seed", check_int("seed", self.seed, minimum=0))
+        if not isinstance(self.stop_action, bool):
+            raise TypeError(f"stop_action must be a bool, got stop_action={self.stop_action!r}")
+        set_(
+            self,
+            "initial_stop_prob",
+            check_range("initial_stop_prob", self.initial_stop_prob, 0.0, 0.5, low_open=True, high_open=True),
+        )
 
     @property
     def num_lr_actions(self) -> int:
@@ -198,6 +211,7 @@ class PolicyConfig:
             "action_mode": self.action_mode,
             "hidden_size": self.hidden_size,
             "state_dim": self.state_dim,
+            "stop_action": self.stop_action,
         }
 
 
@@ -218,7 +232,8 @@ class PolicyConfig:
 
 
 class PolicyNetwork(torch.nn.Module):
-    """Two tanh hidden layers and one softmax head per action space.
+    """Two tanh hidden layers and one softmax head per action space (lr, weight decay if any,
+    and with ``stop_action`` a two-way head: index 0 "continue", 1 "stop").
 
     Args:
         config: the :class:`PolicyConfig`; its ``seed`` fixes the initial weights (on any
@@ -240,7 +255,8 @@ class PolicyNetwork(torch.nn.Module):
         )
         self.lr_head = torch.nn.Linear(h, config.num_lr_actions)
         self.wd_head = torch.nn.Linear(h, config.num_wd_actions) if config.num_wd_actions else None
-        self._views: list[torch.Tensor] | None = None
+        self.stop_head = torch.nn.Linear(h, 2) if config.stop_action else None
+        self._views: dict[str, torch.Tensor] | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -262,6 +278,11 @@ class PolicyNetwork(torch.nn.Module):
             uniform_(head.weight, 0.01 / math.sqrt(head.in_features))
             with torch.no_grad():
                 head.bias.copy_(self._prior_logits(head.out_features, keep))
+        if self.stop_head is not None:  # drawn last: the other heads' weights are those of a policy without it
+            uniform_(self.stop_head.weight, 0.01 / math.sqrt(self.stop_head.in_features))
+            p = self.config.initial_stop_prob
+            with torch.no_grad():
+                self.stop_head.bias.copy_(torch.tensor([1.0 - p, p]).log())
 
     def _prior_logits(self, n: int, keep: int) -> torch.Tensor:
         p = self.config.initial_keep_prob
@@ -271,26 +292,45 @@ class PolicyNetwork(torch.nn.Module):
         probs[keep] = p
         return probs.log()
 
-    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def heads(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Logits of the lr, weight-decay and stop heads (``None`` for a head the policy lacks)."""
         hidden = self.body(states)
-        return self.lr_head(hidden), None if self.wd_head is None else self.wd_head(hidden)
+        wd = None if self.wd_head is None else self.wd_head(hidden)
+        stop = None if self.stop_head is None else self.stop_head(hidden)
+        return self.lr_head(hidden), wd, stop
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lr, wd, _ = self.heads(states)
+        return lr, wd
 
     def act_log_probs(self, rows: list[list[float]]) -> tuple[list[list[float]], list[list[float]] | None]:
-        """Log-probabilities of both heads for state rows, as Python lists (the acting path).
+        """Log-probabilities of the lr and weight-decay heads for state rows, as Python lists.
 
         Same numbers as :meth:`forward` + ``log_softmax``, without autograd or module dispatch:
         it runs once per decision inside the training loop, so its fixed cost matters. It reads
         detached views of the parameters, which see every in-place update (optimizer steps,
         ``load_state_dict``).
         """
-        if self._views is None:
-            self._views = [p.detach() for p in self.parameters()]
-        w0, b0, w1, b1, wl, bl, *wd = self._views
-        linear = torch.nn.functional.linear
-        hidden = torch.tanh(linear(torch.tanh(linear(torch.tensor(rows), w0, b0)), w1, b1))
-        lr_logp = torch.log_softmax(linear(hidden, wl, bl), dim=-1).tolist()
-        wd_logp = torch.log_softmax(linear(hidden, wd[0], wd[1]), dim=-1).tolist() if wd else None
+        lr_logp, wd_logp, _ = self.act_all_log_probs(rows)
         return lr_logp, wd_logp
+
+    def act_all_log_probs(
+        self, rows: list[list[float]]
+    ) -> tuple[list[list[float]], list[list[float]] | None, list[list[float]] | None]:
+        """:meth:`act_log_probs` and the stop head's log-probabilities (``None`` without one)."""
+        if self._views is None:
+            self._views = {name: p.detach() for name, p in self.named_parameters()}
+        v = self._views
+        linear = torch.nn.functional.linear
+        hidden = torch.tanh(linear(torch.tanh(linear(torch.tensor(rows), v["body.0.weight"], v["body.0.bias"])),
+                                   v["body.2.weight"], v["body.2.bias"]))
+
+        def head(name: str) -> list[list[float]] | None:
+            if f"{name}.weight" not in v:
+                return None
+            return torch.log_softmax(linear(hidden, v[f"{name}.weight"], v[f"{name}.bias"]), dim=-1).tolist()
+
+        return head("lr_head"), head("wd_head"), head("stop_head")
 
 
 def uniform(seed: int, counter: int) -> float:

@@ -3,13 +3,23 @@
 A *transition* is one decision, as plain data (it travels through Ray and checkpoints)::
 
     {"rows": [[float] * STATE_DIM, ...],  # one state row per acting unit (1, or one per param group)
-     "lr": [int, ...],                     # lr action index per row
+     "lr": [int, ...],                     # lr action index per row, -1 = none (a stop decision)
      "wd": [int, ...],                     # weight-decay action index per row, -1 = none
      "logp": float,                        # log-probability of all of it under the acting policy
      "ret": float,                         # discounted return of the decision
      "progress": float | None,             # fraction of the run done (None: unknown)
      "decision": int,                      # decision index in the episode
      "version": int}                       # policy version that acted
+
+A policy with a stop head (``PolicyConfig.stop_action``) adds ``"stop": 0 | 1`` (continue / stop,
+read from the decision's first row) and ``"stop_ret"``: the return of that choice, the
+*absolute* (unpaired) log-``val_loss`` drop over the following intervals minus their cost,
+undiscounted, 0 for a stop. It has its own advantage: stopping gives up the improvement every
+continued run gets, which a paired return (relative to the base schedule) does not contain. Its
+baseline is exactly 0, the known value of stopping, so every continued decision's return *is*
+its advantage over stopping there, and a stop decision teaches nothing (its advantage is 0); a
+baseline of the mean return would leave only the rare sampled stops to learn from, mostly early
+ones, and the head learns never to stop.
 
 The policy gradient is ``-(w * A * log pi(a|s))`` with ``A = (return - baseline)`` (optionally
 standardised in the batch) and ``w = min(pi(a|s) / mu(a|s), importance_clip)``, the
@@ -59,15 +69,20 @@ class Batch:
     row_index: torch.Tensor  # [R]
     behaviour_logp: torch.Tensor  # [N]
     returns: torch.Tensor  # [N]
+    first_row: torch.Tensor | None = None  # [N], the row the stop head reads (None: no stop head)
+    stop_actions: torch.Tensor | None = None  # [N], 0 continue / 1 stop
+    stop_returns: torch.Tensor | None = None  # [N]
 
     @classmethod
     def from_transitions(cls, transitions: Sequence[Mapping[str, Any]]) -> Batch:
-        rows, lr, wd, index = [], [], [], []
+        rows, lr, wd, index, first = [], [], [], [], []
         for i, t in enumerate(transitions):
+            first.append(len(rows))
             rows.extend(t["rows"])
             lr.extend(t["lr"])
             wd.extend(t["wd"])
             index.extend([i] * len(t["rows"]))
+        stop = all("stop" in t for t in transitions) and bool(transitions)
         return cls(
             states=torch.tensor(rows, dtype=torch.float32),
             lr_actions=torch.tensor(lr, dtype=torch.long),
@@ -75,6 +90,11 @@ class Batch:
             row_index=torch.tensor(index, dtype=torch.long),
             behaviour_logp=torch.tensor([t["logp"] for t in transitions], dtype=torch.float32),
             returns=torch.tensor([t["ret"] for t in transitions], dtype=torch.float32),
+            first_row=torch.tensor(first, dtype=torch.long) if stop else None,
+            stop_actions=torch.tensor([int(t["stop"]) for t in transitions], dtype=torch.long) if stop else None,
+            stop_returns=torch.tensor([float(t["stop_ret"]) for t in transitions], dtype=torch.float32)
+            if stop
+            else None,
         )
 
 
@@ -89,7 +109,16 @@ def invalid_transition(t: Any, config: PolicyConfig) -> str | None:
                 return f"state row has {len(row)} features, the policy expects {config.state_dim}"
             if not all(math.isfinite(x) for x in row):
                 return "non-finite state feature"
-        if not all(0 <= a < config.num_lr_actions for a in lr):
+        stop = t.get("stop")
+        if config.stop_action:
+            if stop not in (0, 1) or isinstance(stop, bool):
+                return f"a policy with a stop head needs stop=0 or 1, got stop={stop!r}"
+            if not math.isfinite(float(t["stop_ret"])):
+                return f"non-finite stop_ret={t['stop_ret']!r}"
+        elif stop is not None:
+            return "stop action for a policy without a stop head"
+        low = -1 if stop == 1 else 0  # a stop decision takes no lr action
+        if not all(low <= a < config.num_lr_actions for a in lr):
             return "lr action index out of range"
         if not all(-1 <= a < config.num_wd_actions for a in wd):
             return "weight-decay action index out of range"
@@ -152,6 +181,14 @@ def update_ema(ema: dict[str, float], returns: Sequence[float], buckets: Sequenc
         ema[b] = mean if b not in ema else decay * ema[b] + (1.0 - decay) * mean
 
 
+def _standardise(advantages: torch.Tensor, normalize: bool) -> torch.Tensor:
+    # Standardised in the batch: the scale of returns differs between tasks and phases, and
+    # centring corrects a moving-average baseline that lags a drifting return.
+    if normalize and advantages.shape[0] > 1:
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return advantages
+
+
 def reinforce_update(
     network: PolicyNetwork,
     optimizer: torch.optim.Optimizer,
@@ -164,11 +201,19 @@ def reinforce_update(
     importance_clip: float,
 ) -> dict[str, float] | None:
     """One REINFORCE step on ``batch``. Returns its metrics, or ``None`` when the loss or the
-    gradient is not finite (then the weights are left unchanged)."""
-    lr_logits, wd_logits = network(batch.states)
+    gradient is not finite (then the weights are left unchanged).
+
+    With a stop head (and ``batch.stop_actions``), its term is ``-(w * A * log pi(choice|s))``
+    with ``A = stop_return`` (baseline 0, see the module doc), scaled by the batch's RMS but not
+    centred (centring would be a baseline); it gets no entropy bonus (one would push the stop
+    probability towards 1/2 and end runs at random)."""
+    lr_logits, wd_logits, stop_logits = network.heads(batch.states)
     lr_logp_all = torch.log_softmax(lr_logits, dim=-1)
-    row_logp = lr_logp_all.gather(1, batch.lr_actions[:, None]).squeeze(1)
-    row_entropy = -(lr_logp_all.exp() * lr_logp_all).sum(-1)
+    has_lr = batch.lr_actions >= 0
+    lr_logp = lr_logp_all.gather(1, batch.lr_actions.clamp(min=0)[:, None]).squeeze(1)
+    row_logp = torch.where(has_lr, lr_logp, torch.zeros_like(lr_logp))
+    lr_entropy = -(lr_logp_all.exp() * lr_logp_all).sum(-1)
+    row_entropy = torch.where(has_lr, lr_entropy, torch.zeros_like(lr_entropy))
     if wd_logits is not None:
         has_wd = batch.wd_actions >= 0
         wd_logp_all = torch.log_softmax(wd_logits, dim=-1)
@@ -178,18 +223,27 @@ def reinforce_update(
         row_entropy = row_entropy + torch.where(has_wd, wd_entropy, torch.zeros_like(wd_entropy))
     n = batch.returns.shape[0]
     logp = torch.zeros(n).index_add(0, batch.row_index, row_logp)
+    stop_logp = stop_probs = None
+    if stop_logits is not None and batch.stop_actions is not None:
+        stop_logp_all = torch.log_softmax(stop_logits[batch.first_row], dim=-1)
+        stop_logp = stop_logp_all.gather(1, batch.stop_actions[:, None]).squeeze(1)
+        stop_probs = stop_logp_all[:, 1].exp()
 
-    advantages = batch.returns - baseline
-    if normalize_advantages and n > 1:
-        # Standardised in the batch: the scale of returns differs between tasks and phases, and
-        # centring corrects a moving-average baseline that lags a drifting return.
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    importance = torch.exp(logp.detach() - batch.behaviour_logp).clamp(max=importance_clip)
+    advantages = _standardise(batch.returns - baseline, normalize_advantages)
+    acting_logp = logp if stop_logp is None else logp + stop_logp
+    importance = torch.exp(acting_logp.detach() - batch.behaviour_logp).clamp(max=importance_clip)
 
+    # A stop decision takes no lr/wd action: its logp above is 0, so it adds nothing here.
     pg_loss = -(importance * advantages * logp).mean()
+    stop_pg_loss = torch.zeros(())
+    if stop_logp is not None:
+        stop_advantages = batch.stop_returns
+        if normalize_advantages:
+            stop_advantages = stop_advantages / (stop_advantages.square().mean().sqrt() + 1e-8)
+        stop_pg_loss = -(importance * stop_advantages * stop_logp).mean()
     entropy = row_entropy.mean()
     entropy_loss = -entropy_weight * entropy
-    loss = pg_loss + entropy_loss
+    loss = pg_loss + stop_pg_loss + entropy_loss
     if not torch.isfinite(loss):
         return None
     optimizer.zero_grad(set_to_none=True)
@@ -199,7 +253,15 @@ def reinforce_update(
         optimizer.zero_grad(set_to_none=True)
         return None
     optimizer.step()
+    extra = {}
+    if stop_probs is not None:
+        extra = {
+            "policy/stop_pg_loss": stop_pg_loss.item(),
+            "policy/stop_prob": float(stop_probs.detach().mean()),
+            "policy/mean_stop_return": float(batch.stop_returns.mean()),
+        }
     return {
+        **extra,
         "policy/pg_loss": pg_loss.item(),
         "policy/entropy_loss": entropy_loss.item(),
         "policy/entropy": entropy.item(),

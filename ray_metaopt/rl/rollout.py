@@ -26,6 +26,8 @@ def finalize(
 ) -> tuple[int, int]:
     """Move from ``pending`` to ``ready`` (in place) the decisions whose return is known:
     ``horizon`` rewards after them, or, with ``force`` (the episode's end), every rewarded one.
+    A decision that also carries ``stop_reward`` (a policy with a stop head) gets ``stop_ret``:
+    the undiscounted sum of the same window's stop rewards (what continuing gained over it).
     Returns ``(moved, skipped)``; a non-finite return is skipped. With ``force`` the last,
     unrewarded decisions are dropped (they teach nothing)."""
     moved = skipped = 0
@@ -38,7 +40,12 @@ def finalize(
         if known == 0 or (known < horizon and not force):
             break
         ret = discounted_return([pending[k]["reward"] for k in range(known)], gamma)
+        if "stop_reward" in pending[0]:
+            stop_ret = sum(pending[k].get("stop_reward", 0.0) for k in range(known))
+            pending[0]["stop_ret"] = stop_ret
+            ret = ret if math.isfinite(stop_ret) else math.nan
         t = pending.pop(0)
+        t.pop("stop_reward", None)
         del t["reward"]
         t["ret"] = ret
         if math.isfinite(ret):

@@ -84,12 +84,14 @@ class TrainingRun:
         lr, weight_decay = optimizer_defaults(cls, c.optimizer_config)
         groups = self.task.param_groups(self.model, lr=lr, weight_decay=weight_decay)
         optimizer = build_optimizer(cls, groups, c.optimizer_config)
+        self.stop_reason: str | None = None  # set by a strategy's stop action (on_stop)
         meta = build_meta_optimizer(
             c.meta,
             c.meta_config,
             total_steps=c.max_steps,
             seed=c.seed,
-            defaults=trial_meta_defaults(c.meta, c.eval_interval),
+            # on_stop: only strategies that take it (the RL stop action) get it.
+            defaults={**trial_meta_defaults(c.meta, c.eval_interval), "on_stop": self._request_stop},
         )
         check_val_loss_alignment(meta, c.eval_interval)
         self.wrapper = OptimizerWrapper(optimizer, meta, metric_reduction=c.metric_reduction)
@@ -100,6 +102,10 @@ class TrainingRun:
         self.step = 0
         self.config_overrides: list[dict] = []
         self._optimizer_training = False
+
+    def _request_stop(self, reason: str) -> None:
+        """The strategy's stop action: the run ends at this step, reporting ``reason``."""
+        self.stop_reason = str(reason)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -160,6 +166,8 @@ class TrainingRun:
         if self.device.type == "cuda" and "cuda" in extra["rng"]:
             torch.cuda.set_rng_state(extra["rng"]["cuda"], self.device)
         self.config_overrides = extra["config_overrides"]
+        # A run its strategy had stopped stays stopped (e.g. a PBT exploit of a stopped donor).
+        self.stop_reason = getattr(self.wrapper.meta_optimizer, "stop_requested", None)
 
     # ------------------------------------------------------------------ training
     def _evaluate(self) -> dict[str, float]:
@@ -191,6 +199,9 @@ class TrainingRun:
         result["diverged_reason"] = ""
         finished = self.step >= self.config.max_steps
         result[STOP_REASON_KEY] = "max_steps" if finished else ""
+        if self.stop_reason is not None and not diverged:
+            finished = True
+            result[STOP_REASON_KEY] = self.stop_reason
         # The last report ends the trial in Tune itself (Tune's own `done` key): no scheduler acts
         # on it. Otherwise PBT could exploit a finished trial at its last report, which restores
         # it at the end, reports again, is exploited again... (two tied trials never stop).
@@ -236,9 +247,9 @@ class TrainingRun:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         last: dict[str, Any] | None = None
         self.reporter.restart_timer(self.step)
-        if self.step >= c.max_steps:
-            # Restored at the end (a PBT exploit whose donor has finished clones its final
-            # checkpoint): report this trial's own final state once (done=True, so no further
+        if self.step >= c.max_steps or self.stop_reason is not None:
+            # Restored at the end, or after the strategy's stop action (a PBT exploit whose donor
+            # has finished clones its final checkpoint): report this trial's own final state once (done=True, so no further
             # exploit), or its last result would be the one from before the exploit.
             self.model.eval()
             with torch.no_grad(), self._optimizer_eval_mode():  # one batch, no step: its loss
@@ -293,7 +304,10 @@ class TrainingRun:
             is_eval = self.step % c.eval_interval == 0 or self.step == c.max_steps
             if not is_eval:
                 self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
-                continue
+                if self.stop_reason is None:
+                    continue
+                is_eval = True  # stopped between evaluations: evaluate once more, then end
+                metrics = {}
             evaluation = self._evaluate()
             train_loss = float(loss_sum / loss_count)
             interval_steps, loss_count = loss_count, 0
@@ -303,15 +317,17 @@ class TrainingRun:
                 self._diverged(last, f"non-finite val_loss after step {self.step}")
                 report(last, None)
                 return last
-            metrics["val_loss"] = evaluation["val_loss"]
-            if self.reference is not None and self.step in self.reference["val_loss"]:
-                metrics[REFERENCE_VAL_LOSS] = self.reference["val_loss"][self.step]
-            self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
+            if metrics:  # not after a stop between evaluations (the strategy has decided)
+                metrics["val_loss"] = evaluation["val_loss"]
+                if self.reference is not None and self.step in self.reference["val_loss"]:
+                    metrics[REFERENCE_VAL_LOSS] = self.reference["val_loss"][self.step]
+                self.wrapper.update_hyperparameters(metrics, step=self.step - 1)
             evaluations += 1
             last = self._result(train_loss, evaluation, diverged=False, interval_steps=interval_steps)
-            if self.step >= c.max_steps:
+            ending = self.step >= c.max_steps or self.stop_reason is not None
+            if ending:
                 self._finish_meta()  # before the last report: Tune stops the trial when it takes it
-            checkpoint_due = self.step == c.max_steps or (
+            checkpoint_due = ending or (
                 c.checkpoint_interval and evaluations % c.checkpoint_interval == 0
             )
             if checkpoint_due:
@@ -320,6 +336,8 @@ class TrainingRun:
                     report(last, directory)
             else:
                 report(last, None)
+            if self.stop_reason is not None:
+                break
         return last
 
     def _finish_meta(self) -> None:

@@ -16,7 +16,8 @@ When a rule stops a trial, the stopper writes why into the result it was given, 
 dict that its loggers and ``Trial.last_result`` then record, so the reason shows in
 ``progress.csv``, ``result.json`` and ``ResultGrid`` (``result.metrics["stop_reason"]``) and comes
 back with ``Tuner.restore``. The provided trainable reports ``stop_reason=""`` while a trial runs
-and ``"max_steps"`` / ``"diverged: ..."`` on its own last report.
+and ``"max_steps"`` / ``"diverged: ..."`` / ``"policy_stop: ..."`` (the RL stop action,
+``RLMetaOptimizer(stop_action=True)``) on its own last report.
 
 Metric and mode: a Tune stopper is not told ``TuneConfig``'s metric and mode, so give them here
 (default ``val_loss`` / ``min``), or use :class:`~ray_metaopt.tune.MetaAwareScheduler`, which

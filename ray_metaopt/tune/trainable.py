@@ -47,7 +47,9 @@ def metaopt_trainable(config: dict) -> None:
     ``lr_at_floor`` (every group's lr at the strategy's ``min_lr``), ``steps_per_second``,
     ``device``, and task extras as ``<task>/<name>`` (``moe/routing_entropy``,
     ``teacher_student/noise_floor``, ``digits/val_accuracy``...), and Tune's own ``done``: ``True``
-    on the last report at ``max_steps``, so no scheduler acts on a finished trial. A trial whose loss, gradient
+    on the last report at ``max_steps``, so no scheduler acts on a finished trial. An RL strategy
+    with ``stop_action=True`` may end the trial earlier: it is evaluated at that step, checkpointed
+    and reported with ``done=True`` and ``stop_reason="policy_stop: ..."``. A trial whose loss, gradient
     norm or validation loss becomes non-finite reports ``diverged=True`` (with
     ``diverged_reason``) and ends without checkpointing that state; no optimizer step is ever
     taken on a non-finite loss or gradient.

@@ -42,3 +42,22 @@ def test_an_unknown_name_lists_the_shipped_policies():
         RLMetaOptimizer.from_pretrained("nope")
     with pytest.raises(ValueError, match=r"no pretrained policy named 3"):
         pretrained.policy_path(3)
+
+
+def test_the_rl_pretrained_strategy_is_the_shipped_policy_frozen_and_needs_no_actor():
+    from ray_metaopt.cli import _uses_rl
+    from ray_metaopt.registry import PresetContext, strategy_spec
+    from ray_metaopt.training.run import TrainingRun
+
+    preset = strategy_spec("rl_pretrained").preset_config(PresetContext(20, policy_name="actor"))
+    assert preset == {"meta": "rl_pretrained", "meta_config": {"update_frequency": 10}}
+    assert _uses_rl("rl") and not _uses_rl("rl_pretrained")  # no shared actor is started for it
+    run = TrainingRun({"task": "teacher_student", "max_steps": 40, "eval_interval": 20, "schedule": "cosine", **preset})
+    meta = run.wrapper.meta_optimizer
+    assert isinstance(meta, RLMetaOptimizer) and meta.frozen and meta.shared_policy is None
+    assert meta.total_steps == 40 and meta.update_frequency == 10
+    saved = load_policy(pretrained.policy_path(pretrained.DEFAULT))["weights"]
+    assert all(torch.equal(v, saved[k]) for k, v in meta.learner.network.state_dict().items())
+    results = []
+    run.train(lambda result, checkpoint_dir: results.append(result))
+    assert [r["step"] for r in results] == [20, 40] and results[-1]["stop_reason"] == "max_steps"

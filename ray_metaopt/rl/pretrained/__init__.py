@@ -14,7 +14,10 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
+DEFAULT = "anchored-cosine-v1"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -40,4 +43,35 @@ def card(name: str) -> str:
         return f.read()
 
 
-__all__ = ["available", "card", "policy_path"]
+def meta_optimizer(
+    name: str = DEFAULT,
+    *,
+    update_frequency: int = 10,
+    total_steps: int | None = None,
+    seed: int | None = None,
+    frozen: bool = True,
+    frozen_action: str | None = None,
+    on_stop: Callable[[str], Any] | None = None,
+) -> Any:
+    """:meth:`RLMetaOptimizer.from_pretrained <ray_metaopt.rl.RLMetaOptimizer.from_pretrained>` with
+    the arguments a trainable passes: the ``rl_pretrained`` strategy's factory.
+
+    Args:
+        name: the shipped policy.
+        update_frequency: decide every this many steps (the shipped policies: 10, half the
+            benchmark's evaluation interval; the ``rl_pretrained`` preset uses that ratio).
+        total_steps: the run's length (its progress feature; the provided trainable sets it).
+        seed, frozen, frozen_action, on_stop: as for :class:`~ray_metaopt.rl.RLMetaOptimizer`.
+
+    Example:
+        >>> meta = meta_optimizer(total_steps=2000)   # frozen, acting on the optimizer's schedule
+    """
+    from ..meta_optimizer import RLMetaOptimizer
+
+    return RLMetaOptimizer.from_pretrained(
+        name, update_frequency=update_frequency, total_steps=total_steps, seed=seed, frozen=frozen,
+        frozen_action=frozen_action, on_stop=on_stop,
+    )
+
+
+__all__ = ["DEFAULT", "available", "card", "meta_optimizer", "policy_path"]
