@@ -147,8 +147,7 @@ def truncated(full: list[dict[str, Any]], stopped: list[dict[str, Any]], full_st
         w = 0.0 if hi == lo else (mean_step - lo) / (hi - lo)
         rows.append({"seed": key[0], "factor": key[1], "steps": mean_step,
                      "val_loss": (1 - w) * curve[lo] + w * curve[hi], "stop_reason": "cut"})
-    out = summarize(f"every run cut at that mean step ({mean_step:.0f})", rows, full_steps)
-    return out
+    return summarize(f"every run cut at that mean step ({mean_step:.0f})", rows, full_steps)
 
 
 def train_policy(task: str, cost_weight: float, storage: str, path: str) -> dict[str, Any]:

@@ -181,8 +181,8 @@ class RLMetaOptimizer(MetaOptimizer):
     ``p(stop) > 0.5`` (``frozen_action="sample"``: sampled), so an untrained, frozen policy never
     stops. ASHA and this are different tools: ASHA compares trials of a population at rungs and
     stops the worse ones (to find the best config with fewer steps); the stop action ends each run
-    by its own state when continuing costs more than it gains (to save steps on every run). See
-    ``docs/ARCHITECTURE.md`` and ``benchmarks/RESULTS-stop.md``.
+    by its own state when continuing costs more than it gains (to save steps on every run).
+    Measured against ASHA: ``benchmarks/stop_vs_asha/results.md``.
 
     ``per_group=True`` chooses actions for each param group separately (one state row per group,
     one shared network); otherwise one action applies to every group.
