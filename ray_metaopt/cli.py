@@ -81,6 +81,8 @@ def _uses_rl(name: str) -> bool:
     spec = strategy_spec(name)
     if spec is None or spec.family != "rl":
         return False
+    if spec.preset is None:
+        return True  # a registered RL strategy without presets: assume it learns (as before)
     preset = spec.preset_config(PresetContext(20, policy_name="probe"))
     return "shared_policy" in preset["meta_config"]
 

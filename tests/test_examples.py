@@ -23,7 +23,8 @@ EXPECTED = {
     "tune_run.py": (
         COMMON_KEYS | {"per_strategy", "best_strategy"},
         lambda s: (
-            s["num_trials"] == 4 and set(s["per_strategy"]) == {"none", "plateau", "advanced_plateau", "rl"}
+            s["num_trials"] == 6
+            and set(s["per_strategy"]) == {"none", "cosine", "plateau", "advanced_plateau", "rl", "rl_pretrained"}
         ),
     ),
     "pbt_with_metaopt.py": (

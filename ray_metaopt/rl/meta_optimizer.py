@@ -176,13 +176,15 @@ class RLMetaOptimizer(MetaOptimizer):
     over the next ``return_horizon`` intervals times ``val_weight``, minus ``cost_weight`` x the
     cost of their steps, undiscounted: stopping is worth it where the improvement left is worth
     less than the steps it costs. A paired reference does not enter it (stopping gives up the
-    improvement the reference gets too). With ``cost_weight=0`` stopping never pays. It explores
-    with ``initial_stop_prob`` per decision while learning; frozen, it stops when
-    ``p(stop) > 0.5`` (``frozen_action="sample"``: sampled), so an untrained, frozen policy never
-    stops. ASHA and this are different tools: ASHA compares trials of a population at rungs and
+    improvement the reference gets too). With ``cost_weight=0`` stopping pays only where the
+    loss rises (early stopping). While learning it explores with ``initial_stop_prob`` *per
+    decision*, so a learning run of D decisions is cut at random with probability
+    1 - (1 - p)^D: keep D small (decide at evaluations) or p small. Frozen, it stops when
+    ``p(stop) > 0.5`` (``frozen_action="sample"``: sampled), so an untrained, frozen policy with
+    the default mean readout (or greedy) never stops. ASHA and this are different tools: ASHA compares trials of a population at rungs and
     stops the worse ones (to find the best config with fewer steps); the stop action ends each run
     by its own state when continuing costs more than it gains (to save steps on every run).
-    Measured against ASHA: ``benchmarks/stop_vs_asha/results.md``.
+    Measured against ASHA: ``benchmarks/stop_vs_asha/results.md`` (it did not beat a fixed budget).
 
     ``per_group=True`` chooses actions for each param group separately (one state row per group,
     one shared network); otherwise one action applies to every group.
@@ -240,7 +242,9 @@ class RLMetaOptimizer(MetaOptimizer):
         initial_stop_prob: the untrained stop head's probability of stopping at a decision.
         on_stop: ``f(reason)``, called once when the policy stops the run (required with
             ``stop_action=True``; the provided trainable passes its own). It is not part of the
-            state: a deserialised or copied object has ``on_stop=None``.
+            state: a deserialised or copied object has ``on_stop=None`` (set it again, or check
+            :attr:`stop_requested` after each decision and after ``load_state_dict``, which
+            restores a stopped run stopped without calling it).
         **base: the other :class:`~ray_metaopt.MetaOptimizer` arguments, by keyword: ``min_lr``,
             ``max_lr``, ``max_weight_decay``, ``adaptive_frequency``.
 
@@ -265,6 +269,7 @@ class RLMetaOptimizer(MetaOptimizer):
         "counters",
         "stop_reason",
         "last_log_val",
+        "stop_credit",
         "learner_state",
     )
 
@@ -479,6 +484,7 @@ class RLMetaOptimizer(MetaOptimizer):
         self.episode_done = False
         self.stop_reason: str | None = None  # set when the stop action ended the run
         self.last_log_val: float | None = None  # the stop reward's previous log val_loss
+        self.stop_credit = 0.0  # loss drops credited to the stop head since that val_loss
         self.counters = {
             "decisions": 0,
             "transitions": 0,
@@ -662,20 +668,29 @@ class RLMetaOptimizer(MetaOptimizer):
                 prev_log_val, prev_log_loss, step - prev_step, cost, "val_loss" in metrics
             )
         self.pending[-1]["reward"] = reward
-        self._finalize(force=False)
+        if not (self.config.stop_action and not final):
+            # With a stop head, _act finalizes after its choice: a stop at this decision must
+            # still find this reward pending, to add the final term to it as at a normal end.
+            self._finalize(force=False)
         return True
 
     def _stop_reward(
         self, prev_log_val: float | None, prev_log_loss: float | None, steps: int, cost: Any, has_val: bool
     ) -> float:
         """What continuing over one interval gained: val_weight x the absolute drop of log val_loss
-        (log loss without one) minus cost_weight x the cost of its steps, clamped."""
-        if has_val and prev_log_val is not None:
-            drop = prev_log_val - self.last_log_val
-        elif prev_log_loss is not None and self.features["log_loss"] is not None:
-            drop = prev_log_loss - self.features["log_loss"]
+        minus cost_weight x the cost of its steps, clamped. An interval without a ``val_loss`` is
+        credited with the drop of the log loss; the next one with a ``val_loss`` gets the val drop
+        since the previous ``val_loss`` less those credits, so the intervals between two
+        evaluations sum to the val drop between them (decisions between evaluations count it once)."""
+        loss_drop = 0.0
+        if prev_log_loss is not None and self.features["log_loss"] is not None:
+            loss_drop = prev_log_loss - self.features["log_loss"]
+        if not has_val:
+            drop = loss_drop
+            self.stop_credit += loss_drop
         else:
-            drop = 0.0
+            drop = loss_drop if prev_log_val is None else prev_log_val - self.last_log_val - self.stop_credit
+            self.stop_credit = 0.0
         spent = 0.0
         if self.cost_weight > 0.0 and cost is not None:
             spent = self.cost_weight * float(cost) * steps
@@ -778,6 +793,8 @@ class RLMetaOptimizer(MetaOptimizer):
             if stop is not None:
                 transition["stop"] = 0
             self.pending.append(transition)
+        if stop is not None:
+            self._finalize(force=False)  # deferred by _observe until the stop was chosen
         self.decision_index += 1
         return updates
 
@@ -979,6 +996,8 @@ class RLMetaOptimizer(MetaOptimizer):
             "policy/pg_loss",
             "policy/entropy_loss",
             "policy/baseline",
+            "policy/stop_pg_loss",
+            "policy/stop_prob",
         ):
             if key in self.learner.last_metrics:
                 out[key] = self.learner.last_metrics[key]

@@ -73,6 +73,12 @@ class Batch:
     stop_actions: torch.Tensor | None = None  # [N], 0 continue / 1 stop
     stop_returns: torch.Tensor | None = None  # [N]
 
+    def acting(self) -> torch.Tensor:
+        """[N] bool: the transitions that took an lr/wd action (all but stops)."""
+        if self.stop_actions is None:
+            return torch.ones(self.returns.shape[0], dtype=torch.bool)
+        return self.stop_actions != 1
+
     @classmethod
     def from_transitions(cls, transitions: Sequence[Mapping[str, Any]]) -> Batch:
         rows, lr, wd, index, first = [], [], [], [], []
@@ -111,14 +117,16 @@ def invalid_transition(t: Any, config: PolicyConfig) -> str | None:
                 return "non-finite state feature"
         stop = t.get("stop")
         if config.stop_action:
-            if stop not in (0, 1) or isinstance(stop, bool):
+            if type(stop) is not int or stop not in (0, 1):
                 return f"a policy with a stop head needs stop=0 or 1, got stop={stop!r}"
             if not math.isfinite(float(t["stop_ret"])):
                 return f"non-finite stop_ret={t['stop_ret']!r}"
         elif stop is not None:
             return "stop action for a policy without a stop head"
-        low = -1 if stop == 1 else 0  # a stop decision takes no lr action
-        if not all(low <= a < config.num_lr_actions for a in lr):
+        if stop == 1:
+            if any(a != -1 for a in lr) or any(a != -1 for a in wd):
+                return f"a stop decision takes no lr or weight-decay action, got lr={lr!r}, wd={wd!r}"
+        elif not all(0 <= a < config.num_lr_actions for a in lr):
             return "lr action index out of range"
         if not all(-1 <= a < config.num_wd_actions for a in wd):
             return "weight-decay action index out of range"
@@ -229,11 +237,14 @@ def reinforce_update(
         stop_logp = stop_logp_all.gather(1, batch.stop_actions[:, None]).squeeze(1)
         stop_probs = stop_logp_all[:, 1].exp()
 
-    advantages = _standardise(batch.returns - baseline, normalize_advantages)
+    # A stop decision takes no lr/wd action: its return (0) stays out of the lr/wd heads' terms,
+    # their standardisation and their metrics.
+    acts = batch.acting()
+    advantages = torch.zeros(n)
+    advantages[acts] = _standardise((batch.returns - baseline)[acts], normalize_advantages)
     acting_logp = logp if stop_logp is None else logp + stop_logp
     importance = torch.exp(acting_logp.detach() - batch.behaviour_logp).clamp(max=importance_clip)
 
-    # A stop decision takes no lr/wd action: its logp above is 0, so it adds nothing here.
     pg_loss = -(importance * advantages * logp).mean()
     stop_pg_loss = torch.zeros(())
     if stop_logp is not None:
@@ -241,7 +252,8 @@ def reinforce_update(
         if normalize_advantages:
             stop_advantages = stop_advantages / (stop_advantages.square().mean().sqrt() + 1e-8)
         stop_pg_loss = -(importance * stop_advantages * stop_logp).mean()
-    entropy = row_entropy.mean()
+    acting_rows = acts[batch.row_index]
+    entropy = row_entropy[acting_rows].mean() if bool(acting_rows.any()) else torch.zeros(())
     entropy_loss = -entropy_weight * entropy
     loss = pg_loss + stop_pg_loss + entropy_loss
     if not torch.isfinite(loss):
@@ -265,9 +277,9 @@ def reinforce_update(
         "policy/pg_loss": pg_loss.item(),
         "policy/entropy_loss": entropy_loss.item(),
         "policy/entropy": entropy.item(),
-        "policy/baseline": float(baseline.mean()),
-        "policy/mean_return": float(batch.returns.mean()),
-        "policy/advantage_std": float((batch.returns - baseline).std()) if n > 1 else 0.0,
+        "policy/baseline": float(baseline[acts].mean()) if bool(acts.any()) else 0.0,
+        "policy/mean_return": float(batch.returns[acts].mean()) if bool(acts.any()) else 0.0,
+        "policy/advantage_std": float((batch.returns - baseline)[acts].std()) if int(acts.sum()) > 1 else 0.0,
         "policy/grad_norm": float(grad_norm),
         "policy/importance_weight": float(importance.mean()),
     }
@@ -314,7 +326,10 @@ def value_baseline(value: ValueNetwork, batch: Batch) -> torch.Tensor:
 def value_update(value: ValueNetwork, optimizer: torch.optim.Optimizer, batch: Batch, max_grad_norm: float) -> float | None:
     """One squared-error step of ``V`` towards the batch's returns. Returns the loss (``None``: not finite)."""
     rows = value(batch.states)
-    loss = torch.nn.functional.mse_loss(rows, batch.returns[batch.row_index])
+    fit = batch.acting()[batch.row_index]  # a stop's return (0) is not a value of its state
+    if not bool(fit.any()):
+        return None
+    loss = torch.nn.functional.mse_loss(rows[fit], batch.returns[batch.row_index][fit])
     if not torch.isfinite(loss):
         return None
     optimizer.zero_grad(set_to_none=True)
@@ -378,15 +393,17 @@ class Learner:
         buckets = [
             phase_bucket(t.get("progress"), int(t.get("decision", 0)), self.num_buckets) for t in transitions
         ]
+        # A stop's return (0) is no lr decision's baseline: baselines come from the others.
+        acting = [t.get("stop") != 1 for t in transitions]
+        returns = [r for r, a in zip(returns, acting) if a]
+        buckets = [b for b, a in zip(buckets, acting) if a]
         batch = Batch.from_transitions(transitions)
         with single_threaded():
             if self.value is not None:
                 baseline = value_baseline(self.value, batch)
             else:
-                baseline = torch.tensor(
-                    compute_baseline(returns, buckets, self.baseline_ema, population=self.population_baseline),
-                    dtype=torch.float32,
-                )
+                values = iter(compute_baseline(returns, buckets, self.baseline_ema, population=self.population_baseline))
+                baseline = torch.tensor([next(values) if a else 0.0 for a in acting], dtype=torch.float32)
             metrics = reinforce_update(
                 self.network,
                 self.optimizer,

@@ -96,6 +96,47 @@ def test_a_stop_ends_the_episode_calls_on_stop_once_and_is_kept_in_the_state():
     assert fresh.stop_requested is None
 
 
+def test_decisions_between_evaluations_count_each_val_drop_once():
+    """Decisions every 10 steps, val_loss every 20, log loss falling 0.1 per 10 steps: every
+    interval's stop reward is 0.1 (an evaluation's interval is not credited with the one before)."""
+    meta = RLMetaOptimizer(
+        update_frequency=10, total_steps=200, seed=0, return_horizon=100, batch_size=64,
+        initial_stop_prob=1e-9, on_stop=print, **STOP_ONLY,
+    )
+    wrapper = make_wrapper(meta)
+    for s in range(100):
+        loss = math.exp(-0.01 * s)
+        metrics = {"loss": loss, "val_loss": loss} if (s + 1) % 20 == 0 else {"loss": loss}
+        wrapper.update_hyperparameters(metrics, step=s)
+    rewards = [t["stop_reward"] for t in meta.pending if "stop_reward" in t]
+    assert len(rewards) == 9 and rewards == pytest.approx([0.1] * 9)
+    assert meta.state_dict()["state"]["stop_credit"] == 0.0  # the last decision had a val_loss
+
+
+@pytest.mark.parametrize("horizon", [1, 2])
+def test_a_stop_adds_the_final_term_to_the_last_decision_whatever_the_horizon(horizon):
+    """The final term (the run's log val_loss improvement) goes to the decision before a stop, as
+    at a normal end, also when return_horizon=1 would have finalized that decision already."""
+    meta = RLMetaOptimizer(
+        update_frequency=10, total_steps=200, seed=0, return_horizon=horizon, batch_size=64,
+        on_stop=lambda reason: None, stop_action=True, wd_actions=None,
+    )
+    learned = []
+    update = meta.learner.update
+    meta.learner.update = lambda batch: learned.extend(batch) or update(batch)  # a spy: it still learns
+    wrapper = make_wrapper(meta)
+    for s in range(50):
+        loss = math.exp(-0.01 * s)
+        if s == 49:
+            force_stop(meta, True)
+        wrapper.update_hyperparameters({"loss": loss, "val_loss": loss} if (s + 1) % 10 == 0 else {"loss": loss}, step=s)
+    assert meta.stop_requested
+    by_decision = {t["decision"]: t for t in learned}
+    assert by_decision[4]["stop"] == 1 and by_decision[4]["ret"] == 0.0
+    # The last continue decision: its interval (0.1) plus the final term (log 1 - log val = 0.49 - 0.09).
+    assert by_decision[3]["ret"] == pytest.approx(0.1 + 0.4)
+
+
 def test_the_stop_head_learns_to_stop_where_what_is_left_costs_more_than_it_gains():
     """Local learning on :func:`curve`: with cost_weight=0.002 per step, continuing pays until about
     60% of the run (decision 11: the log-val_loss drop left equals the cost left); the frozen policy
@@ -158,8 +199,35 @@ def test_transitions_of_a_stop_policy_are_validated():
     assert "stop=0 or 1" in invalid_transition(base, config)
     assert "lr action index" in invalid_transition({**base, "lr": [-1], "stop": 0, "stop_ret": 0.0}, config)
     assert "non-finite stop_ret" in invalid_transition({**base, "stop": 0, "stop_ret": math.nan}, config)
+    assert "takes no lr" in invalid_transition({**base, "stop": 1, "stop_ret": 0.0}, config)
+    assert "stop=0 or 1" in invalid_transition({**base, "lr": [-1], "stop": 1.0, "stop_ret": 0.0}, config)
     plain = PolicyConfig(lr_actions=[1.0], wd_actions=None)
     assert "without a stop head" in invalid_transition({**base, "stop": 0, "stop_ret": 0.0}, plain)
+
+
+def test_stop_decisions_stay_out_of_the_lr_heads_terms_and_metrics():
+    """A stop's return (0) is no lr decision's baseline: a batch with one differs from the same
+    batch without it only in the stop head."""
+    from ray_metaopt.rl.reinforce import Learner
+
+    config = PolicyConfig(lr_actions=[0.5, 1.0, 2.0], wd_actions=None, stop_action=True, batch_size=4, seed=0)
+    row = [0.1] * config.state_dim
+
+    def decision(action, stop=0):
+        return {"rows": [row], "lr": [action], "wd": [-1], "logp": math.log(1 / 3), "ret": 0.0 if stop else 1.0,
+                "stop": stop, "stop_ret": 0.0, "progress": 0.5, "decision": 3, "version": 0}
+
+    runs = []
+    for batch in ([decision(0), decision(2), decision(2)], [decision(0), decision(2), decision(2), decision(-1, stop=1)]):
+        learner = Learner(config)
+        before = learner.network.lr_head.bias.detach().clone()
+        metrics = learner.update(batch)
+        runs.append((learner.network.lr_head.bias.detach() - before, metrics, learner.baseline_ema))
+    (moved, plain, ema), (moved_s, with_stop, ema_s) = runs
+    assert torch.allclose(moved, moved_s)
+    for key in ("policy/mean_return", "policy/baseline", "policy/pg_loss", "policy/entropy"):
+        assert with_stop[key] == pytest.approx(plain[key]), key
+    assert ema_s == ema
 
 
 def _stopping_policy(tmp_path) -> str:

@@ -515,7 +515,8 @@ def test_wrapped_pbt_still_exploits(ray_session, tmp_path):
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="pbt", verbose=0),
     ).fit()
     assert not grid.errors
-    assert all(r.metrics["step"] == 40 for r in grid)
+    steps = [(r.metrics.get("step"), r.metrics.get("stop_reason"), r.metrics.get("done")) for r in grid]
+    assert all(step == 40 for step, _, _ in steps), (steps, scheduler.stopped_trials)
     assert scheduler.base._num_perturbations > 0  # PBT exploited through the wrapper
     assert scheduler.stopped_trials == {}
 
