@@ -316,7 +316,7 @@ for _entry in (
                  search_space=f"{_SPACES}:rl_space", preset=_rl_preset, family="rl"),
     StrategySpec("rl_pretrained", "ray_metaopt.rl.pretrained:meta_optimizer",
                  "the shipped RL policy anchored-cosine-v1, frozen: no training, multiplies the --rl-base "
-                 "schedule's lr (measured x0.83-x0.99 of that schedule's final loss on three tasks, "
+                 "schedule's lr (measured x0.80-x1.00 of that schedule's final loss on three tasks, "
                  "ray_metaopt/rl/pretrained/anchored-cosine-v1.md)",
                  preset=_rl_pretrained_preset, family="rl"),
 ):

@@ -813,11 +813,8 @@ class RLMetaOptimizer(MetaOptimizer):
         }
 
     def _choose_stop(self, logp: list[float]) -> int:
-        if self.frozen_action in ("greedy", "mean"):
-            return int(logp[1] > math.log(0.5))
-        u = uniform(self.seed, self.draws)
-        self.draws += 1
-        return sample_index([math.exp(x) for x in logp], u)
+        # Two-way, so the greedy/mean readout is "stop when p(stop) > 1/2"; sampled while learning.
+        return self._choose(logp)
 
     def _stop(self, step: int, rows: list, logp: float, progress: float | None, p_stop: float) -> list[HParamUpdate]:
         """The stop action: end the episode here and tell the caller; no lr change."""
