@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from ._validation import check_choice, check_int, check_range
 from .base import GroupState, HParamUpdate, MetaOptimizer
 from .metrics import first_non_finite
-from .plateau_tracker import NOT_COUNTED, mean_and_stderr, noisy_verdict, slope_t, strict_is_better
+from .plateau_tracker import NOT_COUNTED, count_decision, mean_and_stderr, noisy_verdict, slope_t, strict_is_better
 
 __all__ = ["PlateauMetaOptimizer", "AdvancedPlateauMetaOptimizer", "relative_slope", "slope"]
 
@@ -310,13 +310,9 @@ class PlateauMetaOptimizer(MetaOptimizer):
             improved = self._is_better(current, self.best)
             if improved:
                 self.best = current
-        if improved:
-            self.num_bad_decisions = 0
-        else:
-            self.num_bad_decisions += 1
-        if self.cooldown_counter > 0:
-            self.cooldown_counter -= 1
-            self.num_bad_decisions = 0
+        self.num_bad_decisions, self.cooldown_counter = count_decision(
+            improved, self.num_bad_decisions, self.cooldown_counter
+        )
         return self.num_bad_decisions > self.patience
 
     def _after_cut(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["mean_and_stderr", "slope_t", "strict_is_better", "noisy_verdict", "NOT_COUNTED"]
+__all__ = ["count_decision", "mean_and_stderr", "slope_t", "strict_is_better", "noisy_verdict", "NOT_COUNTED"]
 
 NOT_COUNTED = "not_counted"
 
@@ -36,6 +36,19 @@ def strict_is_better(current: float, best: float, threshold: float, threshold_mo
     if mode == "min":
         return current < best - margin
     return current > best + margin
+
+
+def count_decision(improved: bool, num_bad: int, cooldown_counter: int) -> tuple[int, int]:
+    """torch ``ReduceLROnPlateau``'s counters after one counted decision: ``(num_bad, cooldown_counter)``.
+
+    An improvement resets the bad-decision count, anything else adds one; a decision in cooldown
+    counts the cooldown down and resets the bad count. A cut is due when the returned
+    ``num_bad > patience``; after a cut the caller restarts with ``(0, cooldown)``.
+    """
+    num_bad = 0 if improved else num_bad + 1
+    if cooldown_counter > 0:
+        return 0, cooldown_counter - 1
+    return num_bad, cooldown_counter
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:

@@ -117,7 +117,7 @@ def test_entropy_rule_table():
 
 def test_factors_apply_before_the_first_optimizer_step_and_schedule_is_kept():
     meta = ExpertGateMetaOptimizer(gate_lr_factor=0.5, expert_lr_factor=3.0, entropy_threshold=0.5,
-                                   update_frequency=10)
+                                   update_frequency=10, gate_settle_steps=0)
     model, opt = make(meta)
     assert meta.should_update(0)
     decisions = train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.0}, 0)
@@ -151,7 +151,7 @@ def test_min_and_max_lr_from_the_base_class_clamp_every_gate_group():
 # --------------------------------------------------------------------------- ExpertGate: plateau
 def test_plateau_rule_cuts_every_group():
     meta = ExpertGateMetaOptimizer(gate_lr_factor=0.1, patience=1, plateau_factor=0.5, cooldown=1,
-                                   entropy_threshold=0.0, entropy_band=1.0)
+                                   entropy_threshold=0.0, entropy_band=1.0, gate_settle_steps=0)
 
     def lrs(scale):
         return {"gate": LR * 0.1 * scale, "expert": LR * scale, "shared_no_decay": LR * scale}
@@ -335,12 +335,66 @@ def test_seed_example_constructs_and_runs():
     train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.5, "routing_sparsity": 0.1,
                             "load_violation": 0.0, "expert_specialization": 0.1}, 0)
     g = by_name(opt)
-    assert g["gate"] == pytest.approx(LR * 0.1) and g["expert"] == LR  # balanced: not a collapse
+    # the router keeps its built lr for gate_settle_steps (49) steps; balanced load: not a collapse
+    assert g["gate"] == pytest.approx(LR) and g["expert"] == LR
     assert by_name(opt, "weight_decay")["gate"] == pytest.approx(WD / 1.1)
     train_step(model, opt, {"loss": 1.0, "routing_entropy": 0.5, "routing_sparsity": 0.1,
                             "load_violation": 5.0, "expert_specialization": 0.1}, 1)
     # mean load_violation over the window 2.5: above collapse_load 2 and load_threshold 1, both raise
-    assert by_name(opt)["gate"] == pytest.approx(LR * 0.1 * 1.1**2)
+    assert by_name(opt)["gate"] == pytest.approx(LR * 1.1**2)
+
+
+def _balanced(step):
+    return {"loss": 1.0, "routing_entropy": 0.5, "routing_sparsity": 0.7, "load_violation": 0.0,
+            "expert_specialization": 0.1}
+
+
+def test_seed_call_router_settles_at_its_built_lr_before_gate_lr_factor_applies():
+    """The seed's call (gate_lr_factor=0.1) per step: the router keeps the lr it was built with for
+    the first (metric_window - 1) * update_frequency = 49 steps, then gets 0.1x at step 49.
+
+    The old behaviour (0.1x from step 0) froze the router's random initial assignment: on 40
+    development seeds of benchmarks/seed_usage.py's ``moe`` task it ended above x1.02 the unwrapped
+    optimizer's loss on 11 seeds (worst x1.32); settling first: 5 seeds, worst x1.13.
+    """
+    meta = SmartExpertGateMetaOptimizer(gate_lr_factor=0.1, expert_lr_factor=1.0, entropy_threshold=0.8,
+                                        sparsity_target=0.7, specialization_bonus=1.2)
+    assert meta.metric_window == 50 and meta.gate_settle_steps == 49
+    model, opt = make(meta)
+    for step in range(49):
+        train_step(model, opt, _balanced(step), step)
+        assert by_name(opt)["gate"] == pytest.approx(LR), step  # no rule moved the gate scale
+        assert meta.gate_scale == 1.0 and not meta.gate_factor_on
+    decisions = train_step(model, opt, _balanced(49), 49)
+    assert by_name(opt)["gate"] == pytest.approx(LR * 0.1)
+    assert by_name(opt)["gate_no_decay"] == pytest.approx(LR * 0.1)
+    assert by_name(opt)["expert"] == LR
+    reason = next(d.reason for d in decisions if d.name == "gate" and d.hparam == "lr")
+    assert "step 49 >= gate_settle_steps=49: gate_lr_factor=0.1 applies" in reason
+    train_step(model, opt, _balanced(50), 50)
+    assert by_name(opt)["gate"] == pytest.approx(LR * 0.1)  # applied once
+
+
+@pytest.mark.parametrize("kwargs, settle", [
+    ({}, 49),                                     # per step, 50-step window
+    ({"update_frequency": 10}, 40),               # window ceil(50/10) = 5 decisions
+    ({"metric_window": 1}, 0),                    # values read as given (the Tune trainable)
+    ({"update_frequency": 50}, 0),
+    ({"gate_settle_steps": 7}, 7),
+])
+def test_gate_settle_steps_default_is_the_first_full_metric_window(kwargs, settle):
+    for cls in (ExpertGateMetaOptimizer, SmartExpertGateMetaOptimizer):
+        assert cls(gate_lr_factor=0.1, **kwargs).gate_settle_steps == settle
+
+
+def test_gate_settle_zero_applies_the_factor_at_the_first_call_and_survives_reset():
+    meta = SmartExpertGateMetaOptimizer(gate_lr_factor=0.1, metric_window=1)
+    model, opt = make(meta)
+    train_step(model, opt, _balanced(0), 0)
+    assert by_name(opt)["gate"] == pytest.approx(LR * 0.1)
+    meta.reset()
+    train_step(model, opt, _balanced(1), 1)
+    assert by_name(opt)["gate"] == pytest.approx(LR * 0.1)  # reset does not bring the built lr back
 
 
 # --------------------------------------------------------------------------- dynamic groups
@@ -395,7 +449,7 @@ def test_groups_found_by_name_when_they_have_no_role():
         {"params": list(model.experts.parameters()), "name": "moe_experts"},
         {"params": list(model.norm.parameters()), "name": "norm"},
     ]
-    meta = ExpertGateMetaOptimizer(gate_lr_factor=0.1, expert_lr_factor=0.5)
+    meta = ExpertGateMetaOptimizer(gate_lr_factor=0.1, expert_lr_factor=0.5, gate_settle_steps=0)
     opt = OptimizerWrapper(torch.optim.SGD(groups, lr=LR), meta)
     train_step(model, opt, {}, 0)
     assert by_name(opt) == pytest.approx({"router": LR * 0.1, "moe_experts": LR * 0.5, "norm": LR})
@@ -412,7 +466,8 @@ def test_custom_group_patterns_and_missing_gate_error():
             "(moe_param_groups does) or a name matching gate_groups=['gate', 'router']; "
             "got groups (index, name, role) [(0, 'w_g', ''), (1, 'ffn', '')]")):
         OptimizerWrapper(torch.optim.SGD(groups, lr=LR), ExpertGateMetaOptimizer())
-    meta = ExpertGateMetaOptimizer(gate_groups=r"^w_g$", expert_groups="ffn", gate_lr_factor=0.1, expert_lr_factor=2.0)
+    meta = ExpertGateMetaOptimizer(gate_groups=r"^w_g$", expert_groups="ffn", gate_lr_factor=0.1, expert_lr_factor=2.0,
+                                   gate_settle_steps=0)
     opt = OptimizerWrapper(torch.optim.SGD(groups, lr=LR), meta)
     train_step(model, opt, {}, 0)
     assert by_name(opt) == pytest.approx({"w_g": LR * 0.1, "ffn": LR * 2.0})
@@ -423,7 +478,7 @@ def test_custom_group_patterns_and_missing_gate_error():
 
 
 def test_group_with_zero_lr_catches_up_when_positive():
-    meta = ExpertGateMetaOptimizer(gate_lr_factor=0.1)
+    meta = ExpertGateMetaOptimizer(gate_lr_factor=0.1, gate_settle_steps=0)
     model, opt = make(meta)
     opt.param_groups[0]["lr"] = 0.0  # e.g. a warmup that starts at 0
     train_step(model, opt, {}, 0)
@@ -473,7 +528,8 @@ def test_nan_routing_metric_skips_the_decision_and_changes_no_state():
 
 def test_reset_returns_to_the_factor_scales_without_applying_them_twice():
     meta = SmartExpertGateMetaOptimizer(gate_lr_factor=0.1, expert_lr_factor=2.0, entropy_threshold=0.3,
-                                        specialization_bonus=1.5, sparsity_target=0.5, load_threshold=None)
+                                        specialization_bonus=1.5, sparsity_target=0.5, load_threshold=None,
+                                        gate_settle_steps=0)
     model, opt = make(meta)
     for step, spec in enumerate([0.0, 0.5, 0.9]):
         train_step(model, opt, {"routing_entropy": 0.0, "expert_specialization": spec, "routing_sparsity": 0.0},
@@ -577,7 +633,8 @@ def test_real_training_routing_metrics_drive_the_gate_lr_as_documented(load_thre
     model = TinyMoE(8, 32, 3, num_experts=4, top_k=1)
     # collapse_load=1.0 (the default is 2.0): this router's mean load_violation stays between 1
     # and 2, so the entropy raise is exercised only below the default's bar
-    meta = seed_smart(update_frequency=5, load_threshold=load_threshold, collapse_load=1.0)
+    # gate_settle_steps=0: the table below starts the router at gate_lr_factor from step 0
+    meta = seed_smart(update_frequency=5, load_threshold=load_threshold, collapse_load=1.0, gate_settle_steps=0)
     opt = OptimizerWrapper(torch.optim.AdamW(moe_param_groups(model, lr=3e-3, verbose=False)), meta)
     gate_lr0 = 3e-3 * 0.1
     scale, history, smoothed_entropy = 1.0, [], []
@@ -668,6 +725,8 @@ BAD_ARGS = [
     (ExpertGateMetaOptimizer, {"collapse_load": -0.5}, ValueError, "collapse_load must be in [0, inf), got collapse_load=-0.5"),
     (ExpertGateMetaOptimizer, {"metric_window": 0}, ValueError, "metric_window must be >= 1, got metric_window=0"),
     (ExpertGateMetaOptimizer, {"metric_window": 2.0}, TypeError, "metric_window must be an int, got metric_window=2.0"),
+    (ExpertGateMetaOptimizer, {"gate_settle_steps": -1}, ValueError, "gate_settle_steps must be >= 0, got gate_settle_steps=-1"),
+    (SmartExpertGateMetaOptimizer, {"gate_settle_steps": 1.5}, TypeError, "gate_settle_steps must be an int, got gate_settle_steps=1.5"),
     (ExpertGateMetaOptimizer, {"update_frequency": 0}, ValueError, "update_frequency must be >= 1, got update_frequency=0"),
     (ExpertGateMetaOptimizer, {"min_lr": -1.0}, ValueError, "min_lr must be in [0, inf], got min_lr=-1.0"),
     (SmartExpertGateMetaOptimizer, {"sparsity_target": 1.2}, ValueError, "sparsity_target must be in [0, 1], got sparsity_target=1.2"),

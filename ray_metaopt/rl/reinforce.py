@@ -265,24 +265,36 @@ def reinforce_update(
         optimizer.zero_grad(set_to_none=True)
         return None
     optimizer.step()
-    extra = {}
-    if stop_probs is not None:
-        extra = {
-            "policy/stop_pg_loss": stop_pg_loss.item(),
-            "policy/stop_prob": float(stop_probs.detach().mean()),
-            "policy/mean_stop_return": float(batch.stop_returns.mean()),
-        }
-    return {
-        **extra,
-        "policy/pg_loss": pg_loss.item(),
-        "policy/entropy_loss": entropy_loss.item(),
-        "policy/entropy": entropy.item(),
-        "policy/baseline": float(baseline[acts].mean()) if bool(acts.any()) else 0.0,
-        "policy/mean_return": float(batch.returns[acts].mean()) if bool(acts.any()) else 0.0,
-        "policy/advantage_std": float((batch.returns - baseline)[acts].std()) if int(acts.sum()) > 1 else 0.0,
-        "policy/grad_norm": float(grad_norm),
-        "policy/importance_weight": float(importance.mean()),
-    }
+    # The metrics in one host read (each .item() on a tiny tensor costs as much as an op).
+    acting_returns, acting_baseline = batch.returns[acts], baseline[acts]
+    count = acting_returns.shape[0]
+    none = torch.zeros(())
+    values = torch.stack([
+        pg_loss.detach(),
+        entropy_loss.detach(),
+        entropy.detach(),
+        acting_baseline.mean() if count else none,
+        acting_returns.mean() if count else none,
+        (acting_returns - acting_baseline).std() if count > 1 else none,
+        grad_norm,
+        importance.mean(),
+        *((stop_pg_loss.detach(), stop_probs.detach().mean(), batch.stop_returns.mean()) if stop_probs is not None else ()),
+    ]).tolist()
+    names = _METRIC_NAMES + (_STOP_METRIC_NAMES if stop_probs is not None else ())
+    return dict(zip(names, values))
+
+
+_METRIC_NAMES = (
+    "policy/pg_loss",
+    "policy/entropy_loss",
+    "policy/entropy",
+    "policy/baseline",
+    "policy/mean_return",
+    "policy/advantage_std",
+    "policy/grad_norm",
+    "policy/importance_weight",
+)
+_STOP_METRIC_NAMES = ("policy/stop_pg_loss", "policy/stop_prob", "policy/mean_stop_return")
 
 
 class ValueNetwork(torch.nn.Module):
@@ -375,6 +387,8 @@ class Learner:
         self.num_buckets = check_int("num_buckets", num_buckets, minimum=1)
         self.importance_clip = check_range("importance_clip", importance_clip, 1.0, math.inf, high_open=True)
         self.network = PolicyNetwork(config)
+        # foreach, not fused: fused CPU Adam was x0.7 the actor's ingestion under 64 clients on 2 cores
+        # (benchmarks/RESULTS-policy-actor.md, section 13), although faster alone.
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.policy_lr, foreach=True)
         self.baseline_ema: dict[str, float] = {}
         self.value: ValueNetwork | None = None

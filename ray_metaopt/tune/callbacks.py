@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 from ray.tune import Callback
@@ -90,25 +90,29 @@ def _plain_scalar(value: Any) -> Any:
     return None
 
 
+def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` as JSON's shapes (mappings -> dicts with str keys, tuples -> lists) with ``leaf``
+    applied to everything else."""
+    if isinstance(value, Mapping):
+        return {str(k): _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_leaves(v, leaf) for v in value]
+    return leaf(value)
+
+
 def _json_safe(value: Any) -> Any:
-    """NaN/inf become strings so the JSON files stay standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
+    """NaN/inf become strings so the JSON files stay standard JSON (:func:`read_trajectory` undoes it)."""
+    return _map_leaves(value, lambda x: str(x) if isinstance(x, float) and not math.isfinite(x) else x)
 
 
 def _plain(value: Any) -> Any:
     """Plain-data copy of a config value (anything else becomes its ``repr``)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    scalar = _plain_scalar(value)
-    return scalar if scalar is not None or value is None else repr(value)
+
+    def leaf(x: Any) -> Any:
+        scalar = _plain_scalar(x)
+        return scalar if scalar is not None or x is None else repr(x)
+
+    return _map_leaves(value, leaf)
 
 
 def _trial_summary_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -623,14 +627,4 @@ def read_trajectory(path: str | os.PathLike) -> dict[str, Any]:
     """Load a trajectory JSON written by :class:`MetaOptCallback` (``"nan"``/``"inf"`` strings -> floats)."""
     with open(path) as f:
         data = json.load(f)
-
-    def restore(value: Any) -> Any:
-        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-            return float(value)
-        if isinstance(value, dict):
-            return {k: restore(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [restore(v) for v in value]
-        return value
-
-    return restore(data)
+    return _map_leaves(data, lambda x: float(x) if isinstance(x, str) and x in ("nan", "inf", "-inf") else x)
