@@ -514,7 +514,9 @@ def render_report(
         "- Tasks: " + "; ".join(
             f"`{t}` ({size.max_steps[t]} steps, task_config {dict(size.task_configs.get(t, {}))})" for t in size.tasks
         )
-        + f". AdamW (weight decay 1e-4), batch {size.batch_size}, evaluation every {size.eval_interval} steps, "
+        + f". AdamW (weight decay 1e-4), batch {size.batch_size}"
+        + "".join(f" ({t}: {b})" for t, b in size.batch_sizes.items() if t in size.tasks)
+        + f", evaluation every {size.eval_interval} steps, "
         "gradient clipping at 1.0 (the provided trainable's defaults)."
     )
     lines.append(
@@ -533,7 +535,8 @@ def render_report(
     )
     lines.append(
         f"- PBT (`ray.tune.schedulers.PopulationBasedTraining`): populations {list(size.pbt_populations)} on "
-        f"{list(size.pbt_tasks)}, one experiment per evaluation seed (every member trains at that seed), lr sampled "
+        f"{list(size.pbt_tasks)}, one population per evaluation seed (every member trains at that seed; the "
+        "populations of one size share one Tune experiment, each under its own PBT scheduler, `GroupedScheduler`), lr sampled "
         f"log-uniformly over the grid's range and mutated, perturbation every {size.pbt_perturbation_evals} "
         "evaluations (`time_attr=training_iteration`: Ray's default interval is 60 s of wall time, longer than a "
         "quick trial), Ray's defaults otherwise (quantile 0.25, resample probability 0.25, factors 1.2/0.8). "

