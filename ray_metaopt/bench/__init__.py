@@ -59,7 +59,7 @@ def planned_trials(size: SuiteSize) -> int:
             else:
                 total += len(lrs_for(arm, task, size)) * len(size.seeds)
         if task in size.rl_tasks and size.rl_policy_path is None:
-            total += sum(len(size.train_lrs(seed)) for seed in size.rl_train_seeds)
+            total += sum(len(size.train_lrs(seed, task)) for seed in size.rl_train_seeds)
     return total
 
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rl-train-lrs", choices=RL_TRAIN_LRS, default=None,
         help="initial lrs of the RL training episodes: 'grid' (every lr of the grid) or 'stratified' (one "
         "log-uniform draw in each grid-wide stratum per training seed) or 'dense' (the grid and its geometric "
-        "midpoints); default: the size's",
+        "midpoints) or 'reference' (0.3x-3x each task's tuned lr found on seeds 0-4, as train-policy); default: the size's",
     )
     parser.add_argument(
         "--rl-policy-from", default=None, metavar="POLICY_FILE",

@@ -57,7 +57,19 @@ RL_BASE_ARM = "cosine"
 RL_NEAR_FACTORS = (0.5, 2.0)
 
 # How the RL training episodes pick their initial lrs (SuiteSize.rl_train_lrs).
-RL_TRAIN_LRS = ("grid", "stratified", "dense")
+RL_TRAIN_LRS = ("grid", "stratified", "dense", "reference")
+
+# The tuned cosine lr of each quick-size task: the grid lr with the best median final loss over
+# evaluation seeds 0-4 in `benchmarks/quick_full` (ray-metaopt bench --quick, 2026-12-03 and
+# again 2026-12-08). Training lrs of `train-policy` and of rl_train_lrs="reference" are spread
+# around these (REFERENCE_LR_FACTORS); no evaluation run reads them.
+REFERENCE_LRS: dict[str, float] = {
+    "teacher_student": 0.0178,
+    "moe": 0.1,
+    "charlm": 0.00316,
+    "mnist1d": 0.0178,
+}
+REFERENCE_LR_FACTORS = (0.3, 0.55, 1.0, 1.8, 3.0)
 
 RL_POLICY: dict[str, Any] = {
     "lr_actions": [0.5, 1.0, 2.0],
@@ -98,7 +110,9 @@ class SuiteSize:
             equal log-width strata spanning the grid's range (its own draw per seed), so that
             the policy sees initial lrs between the grid's points too; ``"dense"``, every lr of
             the grid and the geometric midpoint of each pair of neighbours (``2 n - 1`` episodes a
-            seed, the same lrs for every seed), see :meth:`train_lrs`.
+            seed, the same lrs for every seed); ``"reference"``, the task's reference tuned lr
+            (:data:`REFERENCE_LRS`, found on seeds 0-4) times 0.3, 0.55, 1, 1.8 and 3, as
+            ``ray-metaopt train-policy`` trains the shipped policy; see :meth:`train_lrs`.
         rl_policy_path: a saved policy (``save_policy`` / a trained bench policy) that the RL arms
             evaluate instead of training one: no training episodes run, and every RL task is a
             transfer test of that policy (``None``: train a policy per task).
@@ -157,6 +171,13 @@ class SuiteSize:
             if task not in self.max_steps:
                 raise ValueError(f"max_steps has no entry for task {task!r}, got max_steps={dict(self.max_steps)}")
         check_choice("rl_train_lrs", self.rl_train_lrs, RL_TRAIN_LRS)
+        if self.rl_train_lrs == "reference" and self.rl_policy_path is None:
+            unknown = [t for t in self.rl_tasks if t in self.tasks and t not in REFERENCE_LRS]
+            if unknown:
+                raise ValueError(
+                    f"rl_train_lrs='reference' knows the tuned lr of {sorted(REFERENCE_LRS)} only, got rl_tasks "
+                    f"{unknown}; pass --rl-tasks among those, or another --rl-train-lrs"
+                )
         for seed in self.rl_train_seeds:
             if seed in self.seeds:
                 raise ValueError(f"rl_train_seeds must be fresh seeds, not evaluation seeds; {seed} is in both")
@@ -168,8 +189,9 @@ class SuiteSize:
     def default_lr(self) -> float:
         return self.lr_grid[self.default_lr_index]
 
-    def train_lrs(self, seed: int) -> list[float]:
-        """The initial lrs of training seed ``seed``'s episodes, lowest first (see ``rl_train_lrs``).
+    def train_lrs(self, seed: int, task: str | None = None) -> list[float]:
+        """The initial lrs of training seed ``seed``'s episodes on ``task``, lowest first (see
+        ``rl_train_lrs``; only ``"reference"`` depends on the task).
 
         Example:
             >>> [round(lr, 5) for lr in SUITE_SIZES["quick"].with_(rl_train_lrs="stratified").train_lrs(100)][:2]
@@ -177,6 +199,12 @@ class SuiteSize:
         """
         if self.rl_train_lrs == "grid":
             return list(self.lr_grid)
+        if self.rl_train_lrs == "reference":
+            if task not in REFERENCE_LRS:
+                raise ValueError(
+                    f"rl_train_lrs='reference' knows the tuned lr of {sorted(REFERENCE_LRS)} only, got task={task!r}"
+                )
+            return [REFERENCE_LRS[task] * factor for factor in REFERENCE_LR_FACTORS]
         if self.rl_train_lrs == "dense":
             grid = sorted(self.lr_grid)
             mids = [math.sqrt(a * b) for a, b in zip(grid, grid[1:])]

@@ -29,22 +29,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .analysis import _rl_result
-from .arms import SUITE_SIZES, ArmContext, SuiteSize, trial_config
+from .arms import REFERENCE_LR_FACTORS, REFERENCE_LRS, SUITE_SIZES, ArmContext, SuiteSize, trial_config
 from .report import machine_info
 from .runner import _TRAIN_ARM, Runner, TrialRecord, _policy_part
 from ..tune.session import add_ray_arguments, init_ray
 
-# The tuned cosine lr of each quick-size task: the grid lr with the best median final loss over
-# evaluation seeds 0-4 in `benchmarks/quick_full` (ray-metaopt bench --quick, 2026-12-03).
-# Training lrs are spread around these; no evaluation run reads them.
-REFERENCE_LRS: dict[str, float] = {
-    "teacher_student": 0.0178,
-    "moe": 0.1,
-    "charlm": 0.00316,
-    "mnist1d": 0.0178,
-}
 DEFAULT_TASKS = ("teacher_student", "mnist1d")
-LR_FACTORS = (0.3, 0.55, 1.0, 1.8, 3.0)
+LR_FACTORS = REFERENCE_LR_FACTORS
 FIRST_SEED = 1000  # training seeds: far from the benchmark's evaluation seeds (0-4, 200-204, ...)
 
 

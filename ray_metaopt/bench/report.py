@@ -454,6 +454,7 @@ def _rl_training_setup(size: SuiteSize) -> str:
         "grid": "every grid lr",
         "stratified": "one log-uniform lr per grid-wide stratum (its own draw per seed)",
         "dense": "every grid lr and the geometric midpoint of each pair of neighbours",
+        "reference": "the task's tuned lr found on seeds 0-4 times 0.3, 0.55, 1, 1.8 and 3",
     }[size.rl_train_lrs]
     reward = (
         " (reward against a paired reference: each training trial first runs the base schedule at its seed "

@@ -293,7 +293,7 @@ class Runner:
                 write_interval_s=3600.0,
             )
             for seed in self.size.rl_train_seeds:
-                for lr in self.size.train_lrs(seed):
+                for lr in self.size.train_lrs(seed, task):
                     config = trial_config(_TRAIN_ARM, ArmContext(task, self.size, lr, seed), phase="rl_train")
                     config["meta_config"] = {**config["meta_config"], "shared_policy": policy_name}
                     config["paired_reference"] = self.size.rl_paired_reference

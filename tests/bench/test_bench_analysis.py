@@ -190,7 +190,7 @@ def test_stratified_training_lrs_cover_the_grids_range_one_per_stratum():
     assert size.train_lrs(100) != size.train_lrs(101)  # each seed its own draw
     assert size_from_dict(size_to_dict(size)).train_lrs(100) == size.train_lrs(100)
     with pytest.raises(
-        ValueError, match="rl_train_lrs must be one of \\['grid', 'stratified', 'dense'\\], got rl_train_lrs='uniform'"
+        ValueError, match="rl_train_lrs must be one of \\['grid', 'stratified', 'dense', 'reference'\\], got rl_train_lrs='uniform'"
     ):
         size.with_(rl_train_lrs="uniform")
 
@@ -401,3 +401,15 @@ def test_rl_policy_from_reads_the_files_settings_and_rejects_a_bad_file_before_a
         with pytest.raises(SystemExit):
             _parse(["--quick", *argv])
         assert message in capsys.readouterr().err, argv
+
+
+def test_reference_training_lrs_spread_around_each_tasks_tuned_lr():
+    from ray_metaopt.bench import _parse
+    from ray_metaopt.bench.arms import REFERENCE_LRS
+
+    size = _parse(["--quick", "--rl-train-lrs", "reference"])[1]
+    lrs = size.train_lrs(100, "mnist1d")
+    assert lrs == pytest.approx([REFERENCE_LRS["mnist1d"] * f for f in (0.3, 0.55, 1.0, 1.8, 3.0)])
+    assert size.train_lrs(101, "mnist1d") == lrs and size.train_lrs(100, "charlm") != lrs
+    with pytest.raises(ValueError, match="rl_train_lrs='reference' knows the tuned lr of .* got rl_tasks \\['sequence', 'digits', 'digits_cnn'\\]"):
+        SUITE_SIZES["full"].with_(rl_train_lrs="reference")
