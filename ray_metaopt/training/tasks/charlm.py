@@ -102,6 +102,7 @@ class _Corpus(NamedTuple):
     train_data: torch.Tensor  # read only: shared by every task built in this process
     val_data: torch.Tensor
     unigram_bpc: float
+    window_rng_state: torch.Tensor  # the split generator after its draw: the validation windows' source
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,7 +113,8 @@ def _split_corpus(root: str, data_seed: int, val_plays: int) -> _Corpus:
     if val_plays >= len(plays):
         raise ValueError(f"val_plays must leave plays to train on ({len(plays)} in all), got val_plays={val_plays}")
     names = sorted(plays)
-    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(data_seed)).tolist()
+    split = torch.Generator().manual_seed(data_seed)
+    order = torch.randperm(len(names), generator=split).tolist()
     val_names = tuple(sorted(names[i] for i in order[:val_plays]))
     train_names = tuple(sorted(n for n in names if n not in val_names))
     train_text = "\n\n".join(plays[n] for n in train_names)
@@ -121,7 +123,8 @@ def _split_corpus(root: str, data_seed: int, val_plays: int) -> _Corpus:
     train_data, val_data = _encode(train_text, chars), _encode(val_text, chars)
     counts = torch.bincount(torch.cat([train_data, val_data]), minlength=len(chars)).double()
     freq = counts[counts > 0] / counts.sum()
-    return _Corpus(val_names, train_names, chars, train_data, val_data, float(-(freq * freq.log2()).sum()))
+    unigram_bpc = float(-(freq * freq.log2()).sum())
+    return _Corpus(val_names, train_names, chars, train_data, val_data, unigram_bpc, split.get_state())
 
 
 def _encode(text: str, chars: str) -> torch.Tensor:
@@ -251,10 +254,8 @@ class CharLMTask(Task):
         corpus = _split_corpus(str(_plays_dir()), self.data_seed, self.val_plays_n)
         self.val_names, self.train_names, self.chars = corpus.val_names, corpus.train_names, corpus.chars
         self.train_data, val_data = corpus.train_data, corpus.val_data
-        # The validation windows come from the same generator, after the split's draw (as when
-        # the split was drawn here): the same windows for a data_seed as in earlier versions.
-        split = torch.Generator().manual_seed(self.data_seed)
-        torch.randperm(len(self.val_names) + len(self.train_names), generator=split)
+        split = torch.Generator()
+        split.set_state(corpus.window_rng_state)
         span = self.block_size + 1
         if len(val_data) < span or len(self.train_data) < span:
             raise ValueError(f"block_size={block_size} is longer than the text")
